@@ -1,0 +1,27 @@
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+RUNS ?= runs/demo
+
+.PHONY: demo test lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/comodal run examples/synth_pairs.yaml --set strategies=[finetune] --out $(RUNS)/finetune
+	$(BIN)/comodal run examples/synth_pairs.yaml --set strategies=[joint] --out $(RUNS)/joint
+	$(BIN)/comodal summarize $(RUNS)/finetune $(RUNS)/joint
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check comodal tests benchmarks
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/trainer_overhead.py

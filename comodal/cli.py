@@ -1,0 +1,88 @@
+"""``comodal`` command line: ``run`` a config, ``summarize`` run directories side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from comodal.config import ConfigError, load_config
+
+DEFAULT_METRIC = "recall@1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comodal", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train through a scenario and write a run directory")
+    run.add_argument("config", help="YAML run config (see examples/)")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a config field, e.g. train.epochs=5")
+    run.add_argument("--out", help="run directory (default: the config's 'out' or runs/<name>)")
+    summ = sub.add_parser("summarize", help="print the summaries of run directories side by side")
+    summ.add_argument("runs", nargs="+", help="run directories written by 'comodal run'")
+    summ.add_argument("--metric", default=None, help="metric to show (default: all headline)")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.out:
+        config.out = args.out
+    if config.out is None:
+        config.out = str(Path("runs") / Path(args.config).stem / "-".join(config.strategies))
+    from comodal.platform.results import format_matrix, format_summaries
+    from comodal.platform.run import HEADLINE, run
+
+    result = run(config)
+    print(f"\nrun directory: {result.out}  ({result.seconds:.1f} s)")
+    for metric in HEADLINE:
+        if metric in result.matrices:
+            print()
+            print(format_matrix(result.matrices[metric], result.task_names, metric))
+    label = "+".join(config.strategies)
+    for metric in HEADLINE:
+        if metric in result.summary:
+            print()
+            print(format_summaries({label: result.summary}, metric))
+    return 0
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from comodal.platform.results import format_matrix, format_summaries, read_run
+    from comodal.platform.run import HEADLINE
+
+    runs = {}
+    for path in args.runs:
+        data = read_run(Path(path))
+        runs[Path(path).name] = data
+    metrics = [args.metric] if args.metric else [
+        m for m in HEADLINE if all(m in r["summary"] for r in runs.values())
+    ]
+    nan = float("nan")
+    for name, data in runs.items():
+        matrix = torch.tensor([[nan if v is None else v for v in row]
+                               for row in data["matrices"][metrics[0]]])
+        print(f"\n[{name}]")
+        print(format_matrix(matrix, data["tasks"], metrics[0]))
+    for metric in metrics:
+        print()
+        print(format_summaries({n: r["summary"] for n, r in runs.items()}, metric))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_summarize(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"comodal: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

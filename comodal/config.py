@@ -1,0 +1,276 @@
+"""Typed run configuration: dataclasses composed from YAML plus ``key=value`` overrides.
+
+Every field is validated when the file is loaded, so a typo fails before any data is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message naming the field, the value and what is valid."""
+
+
+@dataclass
+class ModalityConfig:
+    """How one modality is encoded: the backbone choice and its preprocessing."""
+
+    encoder: str
+    frozen: bool = True  # only ``hf`` can be trained; the stats extractors are fixed by design
+    path: str | None = None  # local Hugging Face directory; None = the bundled MiniLM
+    sample_rate: int = 16000
+    n_mels: int = 40
+    dim: int = 64  # width of a small trainable encoder, or of precomputed features
+    max_length: int = 32
+
+
+def _default_modalities() -> dict[str, ModalityConfig]:
+    return {
+        "vision": ModalityConfig(encoder="image-stats"),
+        "audio": ModalityConfig(encoder="logmel-stats"),
+        "text": ModalityConfig(encoder="hf"),
+    }
+
+
+@dataclass
+class ModelConfig:
+    joint_dim: int = 256
+    temperature: float = 0.07
+    learnable_temperature: bool = True
+    modalities: dict[str, ModalityConfig] = field(default_factory=_default_modalities)
+
+
+@dataclass
+class TaskConfig:
+    dataset: str
+    modalities: list[str]
+    name: str | None = None
+
+
+@dataclass
+class ScenarioConfig:
+    tasks: list[TaskConfig] = field(default_factory=list)
+
+
+@dataclass
+class SynthPairsConfig:
+    """Size and seed of the embedded ``synth-pairs`` world."""
+
+    seed: int = 0
+    train_size: int = 1500
+    test_size: int = 400
+
+
+@dataclass
+class DataConfig:
+    cache_dir: str = ".comodal_cache"
+    synth_pairs: SynthPairsConfig = field(default_factory=SynthPairsConfig)
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"
+    symmetric: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class EvalConfig:
+    pool_size: int = 1000
+    pool_draws: int = 5
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = 512
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "cpu"
+    strategies: list[str] = field(default_factory=lambda: ["finetune"])
+    strategy_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out: str | None = None
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LOSSES = ("infonce",)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (valid keys: {', '.join(names)})"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = f"{where}.{f.name}" if where != "config" else f.name
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: required field is missing")
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested mapping."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, for example train.epochs=5")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply overrides and validate everything that can be checked."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    for assignment in overrides:
+        apply_override(data, assignment)
+    config = from_dict(RunConfig, data)
+    validate(config)
+    return config
+
+
+def _check_choice(where: str, value: str, choices: typing.Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{where}: unknown value {value!r} (valid: {', '.join(choices)})")
+
+
+def validate(config: RunConfig) -> None:
+    """Semantic checks across fields: names against registries, pairs against datasets."""
+    from comodal.platform.modalities import ENCODERS
+    from comodal.scenarios.registry import dataset_spec, dataset_names
+    from comodal.strategies.registry import validate_strategies
+
+    for name, mod in config.model.modalities.items():
+        _check_choice("model.modalities", name, ENCODERS)
+        _check_choice(f"model.modalities.{name}.encoder", mod.encoder, ENCODERS[name])
+        if not mod.frozen and mod.encoder != "hf":
+            raise ConfigError(
+                f"model.modalities.{name}.frozen: {mod.encoder!r} cannot be trained; "
+                f"use encoder 'conv' for a trainable {name} encoder"
+            )
+    _check_choice("train.optimizer", config.train.optimizer, OPTIMIZERS)
+    _check_choice("train.loss.name", config.train.loss.name, LOSSES)
+    for where, number in (
+        ("train.epochs", config.train.epochs),
+        ("train.batch_size", config.train.batch_size),
+        ("eval.pool_size", config.eval.pool_size),
+        ("eval.pool_draws", config.eval.pool_draws),
+    ):
+        if number < 1:
+            raise ConfigError(f"{where}: must be at least 1, got {number}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
+    if not config.scenario.tasks:
+        raise ConfigError("scenario.tasks: a scenario needs at least one task")
+    for i, task in enumerate(config.scenario.tasks):
+        where = f"scenario.tasks[{i}]"
+        _check_choice(f"{where}.dataset", task.dataset, dataset_names())
+        available = dataset_spec(task.dataset).modalities
+        if len(task.modalities) != 2 or task.modalities[0] == task.modalities[1]:
+            raise ConfigError(
+                f"{where}.modalities: a pair task names two different modalities, "
+                f"got {task.modalities!r}"
+            )
+        for m in task.modalities:
+            if m not in available:
+                raise ConfigError(
+                    f"{where}.modalities: dataset {task.dataset!r} has no modality {m!r} "
+                    f"(it has: {', '.join(available)})"
+                )
+            if m not in config.model.modalities:
+                raise ConfigError(
+                    f"{where}.modalities: modality {m!r} is not configured under "
+                    f"model.modalities (configured: {', '.join(config.model.modalities)})"
+                )
+    validate_strategies(config.strategies, config.strategy_args)
+
+
+def to_dict(config: RunConfig) -> dict:
+    """The resolved config as plain data, as written into a run directory."""
+    return dataclasses.asdict(config)

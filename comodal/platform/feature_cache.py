@@ -1,0 +1,91 @@
+"""Frozen backbones run once: their outputs are cached on disk, keyed by what produced them.
+
+The key hashes the dataset fingerprint, the split, the modality and the backbone fingerprint
+(extractor version, preprocessing parameters, weight digests), so changing any of them
+computes a new entry instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from comodal.platform.modalities import Modality
+from comodal.platform.results import atomic_torch_save, atomic_write_text
+from comodal.scenarios.data import MultimodalDataset
+
+
+class FeatureCache:
+    """A directory of ``<key>.pt`` feature tensors with a JSON sidecar saying what made each."""
+
+    def __init__(self, root: str | Path, batch_size: int = 256, progress: bool = True) -> None:
+        self.root = Path(root) / "features"
+        self.batch_size, self.progress = batch_size, progress
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(dataset_fingerprint: str, split: str, modality: str, backbone: dict) -> str:
+        payload = json.dumps([dataset_fingerprint, split, modality, backbone], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def features(
+        self, dataset_fingerprint: str, split: str, modality: Modality, values: Sequence[Any]
+    ) -> torch.Tensor:
+        """Cached features of ``values`` under ``modality``'s frozen backbone (computed once)."""
+        backbone = modality.frozen.fingerprint()
+        key = self.key(dataset_fingerprint, split, modality.name, backbone)
+        path = self.root / f"{key}.pt"
+        if path.is_file():
+            self.hits += 1
+            return torch.load(path, weights_only=True)
+        self.misses += 1
+        chunks = []
+        starts = range(0, len(values), self.batch_size)
+        label = f"encoding {split} {modality.name} ({backbone['extractor']})"
+        for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
+            part = [
+                modality.preprocess(values[i], f"{dataset_fingerprint} {split} row {i}")
+                for i in range(start, min(start + self.batch_size, len(values)))
+            ]
+            with torch.no_grad():
+                chunks.append(modality.frozen(modality.collate(part)).float())
+        feats = torch.cat(chunks)
+        meta = {"dataset": dataset_fingerprint, "split": split, "modality": modality.name,
+                "backbone": backbone, "shape": list(feats.shape)}
+        atomic_torch_save(feats, path)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+        return feats
+
+
+def prepare_dataset(
+    dataset: MultimodalDataset, split: str, modalities: dict[str, Modality], cache: FeatureCache
+) -> MultimodalDataset:
+    """The dataset as training reads it, restricted to ``modalities``: cached features for
+    frozen backbones, stacked vectors for precomputed features, and checked (resampled) raw
+    values for trainable encoders."""
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset.name!r} ({split}) is empty")
+    columns: dict[str, Any] = {}
+    for name, modality in modalities.items():
+        values = dataset.columns[name]
+        if modality.frozen is not None:
+            columns[name] = cache.features(dataset.fingerprint, split, modality, values)
+            continue
+        where = f"dataset {dataset.name!r} ({split}) row"
+        column = [modality.preprocess(v, f"{where} {i}") for i, v in enumerate(values)]
+        if modality.config.encoder == "features":
+            column = torch.stack(column)
+            if column.shape[1] != modality.config.dim:
+                raise ValueError(
+                    f"dataset {dataset.name!r} ({split}): {name} features have width "
+                    f"{column.shape[1]} but model.modalities.{name}.dim is {modality.config.dim}"
+                )
+        columns[name] = column
+    return replace(dataset, columns=columns)

@@ -1,0 +1,52 @@
+"""Contrastive losses, each a small module with its formula in the docstring."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InfoNCE(nn.Module):
+    """InfoNCE over a batch of B pairs (van den Oord et al. 2018; CLIP, Radford et al. 2021).
+
+    logits = s * A Bᵀ with A, B the [B, D] L2-normalised embeddings and s = 1/temperature;
+    the positive of row i is column i.
+      one-directional:  L = CE(logits, arange(B))                        (A retrieves B)
+      symmetric:        L = (CE(logits, arange(B)) + CE(logitsᵀ, arange(B))) / 2
+    """
+
+    def __init__(self, symmetric: bool = True) -> None:
+        super().__init__()
+        self.symmetric = symmetric
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        logits = scale * a @ b.T
+        targets = torch.arange(len(a), device=a.device)
+        loss = F.cross_entropy(logits, targets)
+        if self.symmetric:
+            loss = (loss + F.cross_entropy(logits.T, targets)) / 2
+        return loss
+
+
+class SupCon(nn.Module):
+    """Supervised contrastive loss (Khosla et al. 2020, the L_out form).
+
+    For anchors i with P(i) = {p != i : y_p = y_i} and A(i) = {a != i}, on normalised z:
+      L = mean_{i : |P(i)| > 0}  -1/|P(i)| sum_{p in P(i)} log( exp(z_i·z_p / t) / sum_{a in A(i)} exp(z_i·z_a / t) )
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = z @ z.T / self.temperature
+        self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        log_prob = logits - logits.logsumexp(dim=1, keepdim=True)
+        positives = (labels[:, None] == labels[None, :]) & ~self_mask
+        count = positives.sum(1)
+        has_pos = count > 0
+        summed = log_prob.masked_fill(~positives, 0.0).sum(1)
+        return -(summed[has_pos] / count[has_pos]).mean()

@@ -1,0 +1,156 @@
+"""Modalities: validation and preprocessing of raw values, collation, and the encoder choice.
+
+This module is the one place that knows what a raw audio, text or vision value looks like and
+how a list of them becomes a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchaudio
+from torch import nn
+
+from comodal.config import ModalityConfig
+from comodal.platform.encoders import (
+    AudioConv,
+    HFText,
+    ImageStats,
+    LogMelStats,
+    TextEmbeddingBag,
+    VisionConv,
+    default_text_model_dir,
+    load_hf,
+    pad_waves,
+    to_mono,
+)
+
+ENCODERS: dict[str, tuple[str, ...]] = {
+    "audio": ("logmel-stats", "conv", "features"),
+    "text": ("hf", "embedding-bag", "features"),
+    "vision": ("image-stats", "conv", "features"),
+}
+
+
+class Modality:
+    """One configured modality: turns raw values into encoder input and owns the backbone.
+
+    ``frozen`` is the backbone that runs once per dataset (its output is cached); ``trainable``
+    is the encoder that runs every step inside the model; with ``features`` neither exists and
+    samples already hold vectors.
+    """
+
+    def __init__(self, name: str, config: ModalityConfig) -> None:
+        self.name, self.config = name, config
+        self.frozen: Any = None
+        self.trainable: nn.Module | None = None
+        self.tokenizer: Any = None
+        choice = config.encoder
+        if name == "audio" and choice == "logmel-stats":
+            self.frozen = LogMelStats(config.sample_rate, config.n_mels)
+        elif name == "audio" and choice == "conv":
+            self.trainable = AudioConv(config.sample_rate, config.n_mels, config.dim)
+        elif name == "vision" and choice == "image-stats":
+            self.frozen = ImageStats()
+        elif name == "vision" and choice == "conv":
+            self.trainable = VisionConv(config.dim)
+        elif name == "text" and choice == "hf":
+            text = HFText(self.text_dir(), config.max_length)
+            if config.frozen:
+                self.frozen = text.eval().requires_grad_(False)
+            else:
+                self.trainable = text
+            self.tokenizer = text.tokenizer
+        elif name == "text" and choice == "embedding-bag":
+            self.tokenizer = load_hf(self.text_dir(), "tokenizer")
+            self.trainable = TextEmbeddingBag(len(self.tokenizer), config.dim)
+        elif choice != "features":
+            raise ValueError(f"modality {name!r} has no encoder {choice!r}: {ENCODERS[name]}")
+
+    def text_dir(self) -> Path:
+        return Path(self.config.path) if self.config.path else default_text_model_dir()
+
+    @property
+    def out_dim(self) -> int:
+        """Width of what reaches the projection head (``dim`` for precomputed features)."""
+        backbone = self.frozen or self.trainable
+        return self.config.dim if backbone is None else int(backbone.out_dim)
+
+    def preprocess(self, value: Any, where: str) -> Any:
+        """Check one raw value and bring it to the configured form (mono, target rate)."""
+        if self.config.encoder == "features":
+            tensor = torch.as_tensor(value, dtype=torch.float32)
+            if tensor.dim() != 1:
+                raise ValueError(f"{where}: {self.name} features must be a vector, "
+                                 f"got shape {tuple(tensor.shape)}")
+            return tensor
+        if self.name == "audio":
+            return self._audio(value, where)
+        if self.name == "text":
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{where}: text must be a non-empty string, got {value!r}")
+            return value
+        image = torch.as_tensor(value, dtype=torch.float32)
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"{where}: vision expects an image [3, H, W], "
+                             f"got shape {tuple(image.shape)}")
+        return image
+
+    def _audio(self, value: Any, where: str) -> torch.Tensor:
+        if not (isinstance(value, tuple) and len(value) == 2):
+            raise ValueError(f"{where}: audio must be (waveform, sample_rate), got {type(value)}")
+        wave, rate = value
+        if not isinstance(rate, int) or rate <= 0:
+            raise ValueError(f"{where}: audio sample rate must be a positive int, got {rate!r}")
+        wave = to_mono(torch.as_tensor(wave))
+        if wave.numel() == 0 or not torch.isfinite(wave).all():
+            raise ValueError(f"{where}: audio waveform is empty or not finite")
+        if rate != self.config.sample_rate:
+            wave = torchaudio.functional.resample(wave, rate, self.config.sample_rate)
+        return wave
+
+    @property
+    def precomputed(self) -> bool:
+        """Whether prepared values are feature vectors (frozen backbone or given features)."""
+        return self.frozen is not None or self.config.encoder == "features"
+
+    def collate_prepared(self, values: Sequence[Any]) -> Any:
+        """A batch of prepared values: stacked features, or the raw-value collation."""
+        return torch.stack(list(values)) if self.precomputed else self.collate(values)
+
+    def collate(self, values: Sequence[Any]) -> Any:
+        """A list of preprocessed raw values as one backbone input."""
+        if self.config.encoder == "features":
+            return torch.stack(list(values))
+        if self.name == "audio":
+            return pad_waves(list(values))
+        if self.name == "text":
+            return dict(self.tokenizer(list(values), padding=True, truncation=True,
+                                       max_length=self.config.max_length, return_tensors="pt"))
+        return torch.stack(list(values))
+
+
+def build_modalities(configs: dict[str, ModalityConfig]) -> dict[str, Modality]:
+    return {name: Modality(name, cfg) for name, cfg in configs.items()}
+
+
+def collate_samples(
+    samples: Sequence[dict[str, Any]], modalities: dict[str, Modality], prepared: bool = False
+) -> dict:
+    """Collate sample dicts (as an Avalanche or torch ``DataLoader`` yields them) per key:
+    modalities through their own collation (of prepared or raw values), labels into a tensor,
+    metadata into lists."""
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key in modalities:
+            mod = modalities[key]
+            batch[key] = mod.collate_prepared(values) if prepared else mod.collate(values)
+        elif key == "label":
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch

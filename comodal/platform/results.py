@@ -1,0 +1,105 @@
+"""Atomic writes and the run directory: resolved config, metric matrices, summary, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 6)
+
+
+def matrix_csv(matrix: torch.Tensor, task_names: list[str]) -> str:
+    """Rows: 'before' then 'after <task>'; columns: evaluated tasks."""
+    lines = ["after," + ",".join(task_names)]
+    rows = ["before", *task_names]
+    for name, row in zip(rows, matrix.tolist(), strict=True):
+        lines.append(name + "," + ",".join("" if math.isnan(v) else f"{v:.6f}" for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def write_run(
+    out: Path,
+    config: dict,
+    task_names: list[str],
+    matrices: dict[str, torch.Tensor],
+    summary: dict[str, dict[str, float]],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write everything a run produced into ``out`` (each file atomically)."""
+    out = Path(out)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    for metric, matrix in matrices.items():
+        atomic_write_text(out / "matrices" / f"{metric}.csv", matrix_csv(matrix, task_names))
+    payload = {
+        "tasks": task_names,
+        "matrices": {m: [[_clean(v) for v in row] for row in r.tolist()]
+                     for m, r in matrices.items()},
+        "summary": {m: {k: _clean(v) for k, v in s.items()} for m, s in summary.items()},
+        **(extra or {}),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(payload, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(payload["summary"], indent=1))
+
+
+def read_run(out: Path) -> dict:
+    path = Path(out) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out}: not a run directory (no metrics.json)")
+    return json.loads(path.read_text())
+
+
+def format_matrix(matrix: torch.Tensor, task_names: list[str], metric: str) -> str:
+    width = max(8, *(len(n) for n in task_names))
+    head = f"{metric:<{width}} " + " ".join(f"{n[:width]:>{width}}" for n in task_names)
+    lines = [head]
+    for name, row in zip(["before", *task_names], matrix.tolist(), strict=True):
+        cells = " ".join(f"{'-' if math.isnan(v) else f'{v:.3f}':>{width}}" for v in row)
+        lines.append(f"{name[:width]:<{width}} {cells}")
+    return "\n".join(lines)
+
+
+def format_summaries(columns: dict[str, dict[str, dict[str, float]]], metric: str) -> str:
+    """Side-by-side summary of ``metric`` for several runs: rows are summary measures."""
+    names = list(columns)
+    keys = list(next(iter(columns.values()))[metric])
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{metric:<14}" + "".join(f"{n:>{width}}" for n in names)]
+    for key in keys:
+        cells = []
+        for name in names:
+            value = columns[name][metric].get(key)
+            cells.append(f"{'-' if value is None or value != value else f'{value:+.4f}':>{width}}")
+        lines.append(f"{key:<14}" + "".join(cells))
+    return "\n".join(lines)

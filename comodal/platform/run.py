@@ -1,0 +1,91 @@
+"""One run end to end: config -> scenario -> model + strategies -> trainer -> run directory."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from comodal.config import RunConfig, to_dict
+from comodal.platform.feature_cache import FeatureCache
+from comodal.platform.metrics import summarize
+from comodal.platform.modalities import build_modalities
+from comodal.platform.model import MultimodalEncoder
+from comodal.platform.results import write_run
+from comodal.platform.trainer import Trainer
+from comodal.scenarios.registry import build_scenario
+from comodal.strategies.registry import build_strategies
+
+HEADLINE = ("recall@1", "recall@5", "recall@10", "zeroshot")
+
+
+@dataclass
+class RunResult:
+    task_names: list[str]
+    matrices: dict[str, torch.Tensor]
+    summary: dict[str, dict[str, float]]
+    out: Path | None
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(config: RunConfig, modalities: dict) -> MultimodalEncoder:
+    encoders = {n: m.trainable for n, m in modalities.items() if m.trainable is not None}
+    return MultimodalEncoder(
+        in_dims={n: m.out_dim for n, m in modalities.items()},
+        joint_dim=config.model.joint_dim,
+        encoders=encoders,
+        temperature=config.model.temperature,
+        learnable_temperature=config.model.learnable_temperature,
+    )
+
+
+def run(config: RunConfig) -> RunResult:
+    """Train through the configured scenario and write the run directory (if ``out`` is set)."""
+    start = time.perf_counter()
+    seed_everything(config.seed)
+    plugins = build_strategies(config.strategies, config.strategy_args)
+    scenario = build_scenario(config)
+    modalities = build_modalities(config.model.modalities)
+    model = build_model(config, modalities)
+    cache = FeatureCache(config.data.cache_dir, progress=config.progress)
+    trainer = Trainer(model, modalities, cache, config.train, config.eval, plugins,
+                      seed=config.seed, device=config.device, progress=config.progress)
+    matrices = trainer.fit(scenario)
+    summary = {m: summarize(r) for m, r in matrices.items()}
+    out = Path(config.out) if config.out else None
+    seconds = time.perf_counter() - start
+    if out is not None:
+        write_run(out, to_dict(config), scenario.task_names, matrices, summary,
+                  extra={"history": trainer.history, "seconds": round(seconds, 2)})
+        write_tensorboard(out / "tb", scenario.task_names, matrices, summary, trainer.history)
+    return RunResult(scenario.task_names, matrices, summary, out, seconds)
+
+
+def write_tensorboard(logdir: Path, task_names: list[str], matrices: dict[str, torch.Tensor],
+                      summary: dict[str, dict[str, float]], history: list[dict]) -> None:
+    """A scalar per (metric, evaluated task) at step = tasks trained so far, the summaries, and
+    the training loss per epoch."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as writer:
+        for metric, matrix in matrices.items():
+            for row, values in enumerate(matrix.tolist()):
+                for name, value in zip(task_names, values, strict=True):
+                    if value == value:
+                        writer.add_scalar(f"eval/{metric}/{name}", value, row)
+        for metric, values in summary.items():
+            for key, value in values.items():
+                if value == value:
+                    writer.add_scalar(f"summary/{metric}/{key}", value, 0)
+        for step, entry in enumerate(history):
+            writer.add_scalar(f"train/loss/{task_names[entry['task']]}", entry["loss"], step)

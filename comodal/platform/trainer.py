@@ -1,0 +1,262 @@
+"""The shared trainer: one loop that fits the multimodal encoder through a scenario and calls
+strategy plugins at Avalanche's moments, evaluating every task before and after each task."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # qpsolvers warns at import that no QP solver is installed
+    from avalanche.core import BasePlugin, BaseSGDPlugin, SupervisedPlugin
+
+from comodal.config import EvalConfig, TrainConfig
+from comodal.platform.feature_cache import FeatureCache, prepare_dataset
+from comodal.platform.losses import InfoNCE
+from comodal.platform.metrics import retrieval_recalls, zero_shot_accuracy
+from comodal.platform.modalities import Modality, collate_samples
+from comodal.platform.model import MultimodalEncoder
+from comodal.scenarios.data import BatchLoader, InterleavedLoader, MultimodalDataset
+from comodal.scenarios.task import Scenario
+
+TRAIN_HOOKS = (
+    "before_training", "before_train_dataset_adaptation", "after_train_dataset_adaptation",
+    "before_training_exp", "before_training_epoch", "before_training_iteration",
+    "before_forward", "after_forward", "before_backward", "after_backward", "before_update",
+    "after_update", "after_training_iteration", "after_training_epoch", "after_training_exp",
+    "after_training",
+)
+EVAL_HOOKS = (
+    "before_eval", "before_eval_exp", "before_eval_iteration", "before_eval_forward",
+    "after_eval_forward", "after_eval_iteration", "after_eval_exp", "after_eval",
+)
+_NO_OPS = (BasePlugin, BaseSGDPlugin, SupervisedPlugin)
+
+
+def overrides(plugin: Any, hook: str) -> bool:
+    """Whether ``plugin`` implements ``hook`` (rather than inheriting Avalanche's no-op)."""
+    method = getattr(type(plugin), hook, None)
+    return method is not None and all(method is not getattr(c, hook, None) for c in _NO_OPS)
+
+
+class Trainer:
+    """Fits ``model`` through a scenario. Plugins receive ``(trainer, **kwargs)`` like
+    Avalanche's ``(strategy, **kwargs)`` and may read or replace ``model``, ``optimizer``,
+    ``dataloader``, ``mbatch``, ``mb_output`` and ``loss``; only the hooks a plugin overrides
+    are called, from lists built once here."""
+
+    def __init__(
+        self,
+        model: MultimodalEncoder,
+        modalities: dict[str, Modality],
+        cache: FeatureCache,
+        train: TrainConfig,
+        evaluation: EvalConfig,
+        plugins: Sequence[Any] = (),
+        seed: int = 0,
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.modalities, self.cache = modalities, cache
+        self.train_cfg, self.eval_cfg, self.seed, self.progress = train, evaluation, seed, progress
+        self.plugins = list(plugins)
+        self._hooks = {
+            hook: [getattr(p, hook) for p in self.plugins if overrides(p, hook)]
+            for hook in TRAIN_HOOKS + EVAL_HOOKS
+        }
+        self.criterion = InfoNCE(symmetric=train.loss.symmetric)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.train_epochs, self.train_mb_size = train.epochs, train.batch_size
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.experience: Any = None
+        self.dataloader: Any = None
+        self.mbatch: dict[str, Any] | None = None
+        self.mb_output: tuple[torch.Tensor, ...] | None = None
+        self.loss = torch.zeros(())
+        self.is_training = False
+        self.history: list[dict[str, Any]] = []
+
+    def _call(self, hook: str) -> None:
+        for fn in self._hooks[hook]:
+            fn(self)
+
+    # ----------------------------------------------------------------- data
+    def _collate(self, key: str, values: Sequence[Any]) -> Any:
+        return self.modalities[key].collate_prepared(values)
+
+    def prepare(self, scenario: Scenario) -> Scenario:
+        """Each task's data as training reads it (frozen backbones through the cache)."""
+        tasks = []
+        for task in scenario.tasks:
+            mods = {m: self.modalities[m] for m in task.modalities}
+            tasks.append(task.with_data(prepare_dataset(task.train, "train", mods, self.cache),
+                                        prepare_dataset(task.test, "test", mods, self.cache)))
+        return Scenario(tasks)
+
+    def _class_inputs(self, task: Any) -> Any:
+        """Prepared text of each class of ``task`` (zero-shot prototypes), or None."""
+        if not task.class_texts or "text" not in self.modalities:
+            return None
+        classes = MultimodalDataset(
+            name=f"{task.name} classes", fingerprint="class-texts:" + "|".join(task.class_texts),
+            columns={"text": list(task.class_texts)},
+        )
+        prepared = prepare_dataset(classes, "classes", {"text": self.modalities["text"]},
+                                   self.cache)
+        return self._to_device(self._gather_all(prepared))
+
+    def _gather_all(self, data: MultimodalDataset) -> dict[str, Any]:
+        return next(iter(BatchLoader(data, self._collate, len(data), -1, shuffle=False)))
+
+    def make_loader(self, task_ids: Sequence[int]) -> BatchLoader | InterleavedLoader:
+        """Training batches of the given tasks (interleaved when there are several)."""
+        loaders = [
+            BatchLoader(self.scenario.tasks[i].train, self._collate, self.train_mb_size, i,
+                        shuffle=True, generator=self.generator)
+            for i in task_ids
+        ]
+        return loaders[0] if len(loaders) == 1 else InterleavedLoader(loaders, self.generator)
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        return batch
+
+    # ----------------------------------------------------------------- training
+    def fit(self, scenario: Scenario) -> dict[str, torch.Tensor]:
+        """Train through every task; return one matrix ``R[after_task, eval_task]`` per metric
+        (row 0 is the evaluation before any training)."""
+        torch.manual_seed(self.seed)
+        self.scenario = self.prepare(scenario)
+        self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
+        self.benchmark = self.scenario.benchmark(
+            collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
+        )
+        rows = [self.evaluate()]
+        for exp in self.benchmark.train_stream:
+            self.train_experience(exp)
+            rows.append(self.evaluate())
+        metrics = sorted({m for row in rows for col in row for m in col})
+        nan = float("nan")
+        return {
+            m: torch.tensor([[col.get(m, nan) for col in row] for row in rows])
+            for m in metrics
+        }
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cfg = self.train_cfg
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def train_experience(self, exp: Any) -> None:
+        """One task: build its loader and optimizer, then run the epochs."""
+        self.experience, self.is_training = exp, True
+        self.experience_index = exp.current_experience
+        self.model.train()
+        self._call("before_training")
+        self._call("before_train_dataset_adaptation")
+        self.adapted_dataset = self.scenario.tasks[self.experience_index].train
+        self._call("after_train_dataset_adaptation")
+        self.dataloader = self.make_loader([self.experience_index])
+        self.optimizer = self.make_optimizer()
+        self._call("before_training_exp")
+        total = self.train_epochs * len(self.dataloader)
+        bar = tqdm(total=total, desc=f"train {exp.task.name}", disable=not self.progress,
+                   leave=False)
+        for epoch in range(self.train_epochs):
+            self._call("before_training_epoch")
+            running, steps = torch.zeros(()), 0
+            for batch in self.dataloader:
+                self.mbatch = self._to_device(batch)
+                self.training_step()
+                running += self.loss.detach()
+                steps += 1
+                bar.update()
+            self._call("after_training_epoch")
+            if steps:
+                mean = (running / steps).item()  # one synchronisation per epoch
+                self.history.append({"task": self.experience_index, "epoch": epoch, "loss": mean})
+                bar.set_postfix(loss=f"{mean:.4f}")
+        bar.close()
+        self._call("after_training_exp")
+        self._call("after_training")
+        self.is_training = False
+
+    def pair(self, batch: dict[str, Any]) -> tuple[str, str]:
+        return self.scenario.tasks[batch["task_id"]].modalities
+
+    def training_step(self) -> None:
+        """The one place that calls ``zero_grad``, ``backward`` and ``step``."""
+        self._call("before_training_iteration")
+        self.optimizer.zero_grad(set_to_none=True)
+        self._call("before_forward")
+        a, b = self.pair(self.mbatch)
+        self.mb_output = (self.model.encode(self.mbatch, a), self.model.encode(self.mbatch, b))
+        self._call("after_forward")
+        self.loss = self.criterion(*self.mb_output, self.model.scale)
+        self._call("before_backward")
+        self.loss.backward()
+        self._call("after_backward")
+        self._call("before_update")
+        self.optimizer.step()
+        self._call("after_update")
+        self._call("after_training_iteration")
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def embed(self, data: MultimodalDataset, pair: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Joint embeddings of every row of ``data`` for each modality in ``pair``."""
+        loader = BatchLoader(data, self._collate, self.eval_cfg.batch_size, -1, shuffle=False)
+        out: dict[str, list[torch.Tensor]] = {m: [] for m in pair}
+        for batch in loader:
+            self.mbatch = self._to_device(batch)
+            self._call("before_eval_iteration")
+            self._call("before_eval_forward")
+            self.mb_output = tuple(self.model.encode(self.mbatch, m) for m in pair)
+            self._call("after_eval_forward")
+            for m, z in zip(pair, self.mb_output, strict=True):
+                out[m].append(z.cpu())
+            self._call("after_eval_iteration")
+        return {m: torch.cat(z) for m, z in out.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> list[dict[str, float]]:
+        """Metrics of every task's test set under the current model, one dict per task."""
+        was_training = self.model.training
+        self.model.eval()
+        self._call("before_eval")
+        results = []
+        stream = self.benchmark.test_stream
+        for exp in tqdm(stream, desc="evaluate", disable=not self.progress, leave=False):
+            self.experience = exp
+            self._call("before_eval_exp")
+            task = exp.task
+            z = self.embed(task.test, task.modalities)
+            a, b = task.modalities
+            cfg = self.eval_cfg
+            metrics = retrieval_recalls(z[a], z[b], cfg.ks, cfg.pool_size, cfg.pool_draws,
+                                        seed=self.seed + exp.current_experience)
+            prototypes = self.class_inputs[exp.current_experience]
+            if prototypes is not None and task.test.labels is not None:
+                protos = self.model.encode(prototypes, "text").cpu()
+                scored = [m for m in task.modalities if m != "text"]
+                accs = [zero_shot_accuracy(z[m], protos, task.test.labels) for m in scored]
+                metrics["zeroshot"] = sum(accs) / len(accs)
+            results.append(metrics)
+            self._call("after_eval_exp")
+        self._call("after_eval")
+        self.model.train(was_training)
+        return results
+

@@ -1,0 +1,65 @@
+"""Tasks and scenarios: an ordered list of modality-pair tasks, also an Avalanche benchmark."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from comodal.scenarios.data import MultimodalDataset
+
+
+@dataclass
+class Task:
+    """A modality pair trained on ``train`` and evaluated on ``test``; labelled tasks also
+    name their classes and the text used for each class (zero-shot prototypes)."""
+
+    name: str
+    modalities: tuple[str, str]
+    train: MultimodalDataset
+    test: MultimodalDataset
+    class_names: list[str] | None = None
+    class_texts: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        for split, data in (("train", self.train), ("test", self.test)):
+            if len(data) == 0:
+                raise ValueError(f"task {self.name!r}: the {split} set is empty")
+            missing = [m for m in self.modalities if m not in data.modalities]
+            if missing:
+                raise ValueError(
+                    f"task {self.name!r}: {split} dataset {data.name!r} has no modality "
+                    f"{missing[0]!r} (it has: {', '.join(data.modalities)})"
+                )
+
+    def with_data(self, train: MultimodalDataset, test: MultimodalDataset) -> Task:
+        return Task(self.name, self.modalities, train, test, self.class_names, self.class_texts)
+
+
+@dataclass
+class Scenario:
+    """An ordered sequence of tasks."""
+
+    tasks: list[Task]
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("a scenario needs at least one task")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def benchmark(self, collate_fn: Callable[[list], Any] | None = None) -> Any:
+        """The scenario as an Avalanche ``CLScenario``: ``train_stream`` and ``test_stream``
+        with one experience per task; each experience carries ``task`` and ``modalities``."""
+        from comodal.scenarios.avalanche_benchmark import pair_benchmark
+
+        return pair_benchmark(self.tasks, collate_fn)

@@ -1,0 +1,41 @@
+"""The one registry mapping config names to strategy plugins, and stack validation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from comodal.config import ConfigError, from_dict
+from comodal.strategies.base import Strategy
+from comodal.strategies.finetune import Finetune
+from comodal.strategies.joint import Joint
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Finetune, Joint)}
+
+
+def validate_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, Any]]) -> None:
+    """Unknown names, options for strategies not in the stack, or bad option values."""
+    if not names:
+        raise ConfigError(f"strategies: name at least one (valid: {', '.join(STRATEGIES)})")
+    for i, name in enumerate(names):
+        if name not in STRATEGIES:
+            raise ConfigError(
+                f"strategies[{i}]: unknown strategy {name!r} (valid: {', '.join(STRATEGIES)})"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"strategies: each strategy may appear once, got {list(names)}")
+    for name, options in args.items():
+        if name not in names:
+            raise ConfigError(
+                f"strategy_args.{name}: {name!r} is not in strategies ({', '.join(names)})"
+            )
+        from_dict(STRATEGIES[name].Config, dict(options), f"strategy_args.{name}")
+
+
+def build_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, Any]]) -> list:
+    """Plugins in stack order (the order their callbacks run in)."""
+    validate_strategies(names, args)
+    return [
+        STRATEGIES[n](from_dict(STRATEGIES[n].Config, dict(args.get(n, {})), f"strategy_args.{n}"))
+        for n in names
+    ]
