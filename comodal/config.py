@@ -223,7 +223,7 @@ def _check_choice(where: str, value: str, choices: typing.Iterable[str]) -> None
 def validate(config: RunConfig) -> None:
     """Semantic checks across fields: names against registries, pairs against datasets."""
     from comodal.platform.modalities import ENCODERS
-    from comodal.scenarios.registry import dataset_spec, dataset_names
+    from comodal.scenarios.registry import dataset_names, dataset_spec
     from comodal.strategies.registry import validate_strategies
 
     for name, mod in config.model.modalities.items():

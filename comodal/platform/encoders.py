@@ -64,7 +64,8 @@ class LogMelStats:
         self.out_dim = 2 * n_mels + ENVELOPE_BINS
 
     def fingerprint(self) -> dict:
-        return {"extractor": "logmel-stats/1", "sample_rate": self.sample_rate, "n_mels": self.n_mels}
+        return {"extractor": "logmel-stats/1", "sample_rate": self.sample_rate,
+                "n_mels": self.n_mels}
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

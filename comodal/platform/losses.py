@@ -33,7 +33,8 @@ class SupCon(nn.Module):
     """Supervised contrastive loss (Khosla et al. 2020, the L_out form).
 
     For anchors i with P(i) = {p != i : y_p = y_i} and A(i) = {a != i}, on normalised z:
-      L = mean_{i : |P(i)| > 0}  -1/|P(i)| sum_{p in P(i)} log( exp(z_i·z_p / t) / sum_{a in A(i)} exp(z_i·z_a / t) )
+      L = mean_{i : |P(i)| > 0}  -1/|P(i)| sum_{p in P(i)} log softmax_i(p)
+      softmax_i(p) = exp(z_i·z_p / t) / sum_{a in A(i)} exp(z_i·z_a / t)
     """
 
     def __init__(self, temperature: float = 0.1) -> None:

@@ -84,10 +84,10 @@ def _builder(domain: str):
     def build(data: DataConfig, progress: bool) -> Splits:
         raw = load_world(data, progress)
         fp = fingerprint(data.synth_pairs)
-        spec = world.DOMAINS[domain]
+        spec, name = world.DOMAINS[domain], f"synth-pairs/{domain}"
         return Splits(
-            train=as_dataset(raw[f"{domain}/train"], f"synth-pairs/{domain}", f"{fp}/{domain}/train"),
-            test=as_dataset(raw[f"{domain}/test"], f"synth-pairs/{domain}", f"{fp}/{domain}/test"),
+            train=as_dataset(raw[f"{domain}/train"], name, f"{fp}/{domain}/train"),
+            test=as_dataset(raw[f"{domain}/test"], name, f"{fp}/{domain}/test"),
             class_names=spec.class_names,
             class_texts=spec.class_texts,
         )
