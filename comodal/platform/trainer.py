@@ -134,12 +134,7 @@ class Trainer:
     def fit(self, scenario: Scenario) -> dict[str, torch.Tensor]:
         """Train through every task; return one matrix ``R[after_task, eval_task]`` per metric
         (row 0 is the evaluation before any training)."""
-        torch.manual_seed(self.seed)
-        self.scenario = self.prepare(scenario)
-        self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
-        self.benchmark = self.scenario.benchmark(
-            collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
-        )
+        self.setup(scenario)
         rows = [self.evaluate()]
         for exp in self.benchmark.train_stream:
             self.train_experience(exp)
@@ -150,6 +145,15 @@ class Trainer:
             m: torch.tensor([[col.get(m, nan) for col in row] for row in rows])
             for m in metrics
         }
+
+    def setup(self, scenario: Scenario) -> None:
+        """Prepare every task's data and build the Avalanche benchmark the loop iterates."""
+        torch.manual_seed(self.seed)
+        self.scenario = self.prepare(scenario)
+        self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
+        self.benchmark = self.scenario.benchmark(
+            collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
+        )
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
