@@ -39,8 +39,10 @@ def _file_digest(path: Path) -> str:
 def load_hf(path: Path, what: str) -> Any:
     """Load a tokenizer or model from a local directory only (no hub access)."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.disable_progress_bar()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: not a Hugging Face model directory (no config.json); point "
@@ -164,7 +166,7 @@ class TextEmbeddingBag(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int) -> None:
         super().__init__()
-        self.bag = nn.EmbeddingBag(vocab_size, dim, mode="mean")
+        self.bag = nn.EmbeddingBag(vocab_size, dim, mode="sum")  # weighted: a masked mean
         self.out_dim = dim
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -141,14 +141,17 @@ def collate_samples(
     samples: Sequence[dict[str, Any]], modalities: dict[str, Modality], prepared: bool = False
 ) -> dict:
     """Collate sample dicts (as an Avalanche or torch ``DataLoader`` yields them) per key:
-    modalities through their own collation (of prepared or raw values), labels into a tensor,
-    metadata into lists."""
+    modalities through their own collation (raw values are checked and preprocessed first),
+    labels into a tensor, metadata into lists."""
     batch: dict[str, Any] = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
         if key in modalities:
             mod = modalities[key]
-            batch[key] = mod.collate_prepared(values) if prepared else mod.collate(values)
+            if prepared:
+                batch[key] = mod.collate_prepared(values)
+            else:
+                batch[key] = mod.collate([mod.preprocess(v, f"{key} value") for v in values])
         elif key == "label":
             batch[key] = torch.tensor(values)
         else:

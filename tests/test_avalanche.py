@@ -1,0 +1,110 @@
+"""A scenario is an Avalanche benchmark, and stock Avalanche plugins attach to the trainer."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from comodal.config import RunConfig, from_dict
+from comodal.platform.feature_cache import FeatureCache
+from comodal.platform.modalities import build_modalities, collate_samples
+from comodal.platform.run import build_model
+from comodal.platform.trainer import EVAL_HOOKS, TRAIN_HOOKS, Trainer
+from comodal.scenarios.registry import build_scenario
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from avalanche.core import SupervisedPlugin
+
+
+@pytest.fixture()
+def two_tasks(tiny: dict) -> RunConfig:
+    tiny["scenario"]["tasks"] = tiny["scenario"]["tasks"][:2]
+    tiny["train"]["epochs"] = 2
+    return from_dict(RunConfig, tiny)
+
+
+def test_streams_iterate_with_dict_batches(two_tasks: RunConfig) -> None:
+    scenario = build_scenario(two_tasks)
+    modalities = build_modalities(two_tasks.model.modalities)
+    bm = scenario.benchmark(collate_fn=lambda s: collate_samples(s, modalities))
+    assert len(bm.train_stream) == 2 and len(bm.test_stream) == 2
+    for i, (train, test) in enumerate(zip(bm.train_stream, bm.test_stream, strict=True)):
+        assert train.current_experience == i and train.task is scenario.tasks[i]
+        assert test.modalities == scenario.tasks[i].modalities
+        loader = DataLoader(train.dataset, batch_size=8, collate_fn=train.dataset.collate_fn)
+        batch = next(iter(loader))
+        assert batch["vision"].shape == (8, 3, 32, 32)
+        assert batch["audio"]["wave"].shape[0] == 8
+        assert batch["text"]["input_ids"].shape[0] == 8
+        assert batch["label"].dtype == torch.long and len(batch["concept"]) == 8
+
+
+class Recorder(SupervisedPlugin):
+    """A stock Avalanche plugin that records every callback it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+
+for _hook in TRAIN_HOOKS + EVAL_HOOKS:
+    setattr(Recorder, _hook,
+            lambda self, strategy, _h=_hook, **kw: self.calls.append(_h))
+
+
+class ZeroLoss(SupervisedPlugin):
+    """Edits the loss before backward, as distillation plugins do."""
+
+    def before_backward(self, strategy, **kwargs) -> None:  # noqa: ANN001
+        strategy.loss = strategy.loss * 0.0
+
+
+def _trainer(config: RunConfig, plugins: list) -> Trainer:
+    modalities = build_modalities(config.model.modalities)
+    return Trainer(build_model(config, modalities), modalities,
+                   FeatureCache(config.data.cache_dir, progress=False), config.train,
+                   config.eval, plugins, seed=config.seed, progress=False)
+
+
+def test_supervised_plugin_receives_the_callbacks_in_avalanche_order(
+    two_tasks: RunConfig,
+) -> None:
+    recorder = Recorder()
+    trainer = _trainer(two_tasks, [recorder])
+    trainer.fit(build_scenario(two_tasks))
+    calls = recorder.calls
+    batches = -(-two_tasks.data.synth_pairs.train_size // two_tasks.train.batch_size)
+    assert calls.count("before_training_exp") == 2
+    assert calls.count("after_training_exp") == 2
+    assert calls.count("before_training_epoch") == 2 * 2
+    assert calls.count("before_backward") == 2 * 2 * batches
+    assert calls.count("before_eval") == 3  # before the first task and after each task
+    assert calls.count("after_eval_exp") == 3 * 2
+    step = calls.index("before_training_iteration")
+    assert calls[step:step + 10] == [
+        "before_training_iteration", "before_forward", "after_forward", "before_backward",
+        "after_backward", "before_update", "after_update", "after_training_iteration",
+        "before_training_iteration", "before_forward",
+    ]
+    first = calls.index("before_training")
+    assert calls[first:first + 4] == [
+        "before_training", "before_train_dataset_adaptation", "after_train_dataset_adaptation",
+        "before_training_exp",
+    ]
+
+
+def test_only_overridden_hooks_are_called_and_plugins_edit_the_loss(
+    two_tasks: RunConfig,
+) -> None:
+    trainer = _trainer(two_tasks, [ZeroLoss()])
+    assert [h for h, fns in trainer._hooks.items() if fns] == ["before_backward"]
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.setup(build_scenario(two_tasks))
+    trainer.train_cfg.optimizer = "sgd"
+    trainer.train_experience(trainer.benchmark.train_stream[0])
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

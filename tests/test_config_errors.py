@@ -1,0 +1,116 @@
+"""Each config mistake gets one message naming the field, the bad value and the valid choices,
+before any data is generated, and a non-zero exit from the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from comodal.cli import main
+from comodal.config import ConfigError, from_dict, load_config, validate
+
+
+def _check(config: dict, *fragments: str) -> None:
+    from comodal.config import RunConfig
+
+    with pytest.raises(ConfigError) as err:
+        validate(from_dict(RunConfig, config))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_unknown_key_names_the_valid_keys(tiny: dict) -> None:
+    tiny["train"]["epoch"] = 3
+    _check(tiny, "train: unknown key 'epoch'", "epochs", "batch_size")
+
+
+def test_unknown_top_level_key(tiny: dict) -> None:
+    tiny["strategy"] = ["finetune"]
+    _check(tiny, "unknown key 'strategy'", "strategies")
+
+
+def test_unknown_strategy(tiny: dict) -> None:
+    tiny["strategies"] = ["finetune", "magic"]
+    _check(tiny, "strategies[1]", "'magic'", "finetune", "joint")
+
+
+def test_unknown_modality(tiny: dict) -> None:
+    tiny["model"]["modalities"]["smell"] = {"encoder": "features"}
+    _check(tiny, "model.modalities", "'smell'", "audio", "text", "vision")
+
+
+def test_unknown_encoder(tiny: dict) -> None:
+    tiny["model"]["modalities"]["audio"]["encoder"] = "wav2vec"
+    _check(tiny, "model.modalities.audio.encoder", "'wav2vec'", "logmel-stats", "conv")
+
+
+def test_unknown_dataset(tiny: dict) -> None:
+    tiny["scenario"]["tasks"][1]["dataset"] = "synth-pairs/space"
+    _check(tiny, "scenario.tasks[1].dataset", "'synth-pairs/space'", "synth-pairs/toys")
+
+
+def test_pair_naming_a_modality_the_dataset_lacks(
+    tiny: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from comodal.scenarios import registry
+
+    registry.dataset_names()  # load the built-in datasets before adding a fake one
+    spec = registry.DatasetSpec("test/text-only", ("text", "vision"), lambda d, p: None)
+    monkeypatch.setitem(registry._DATASETS, spec.name, spec)
+    tiny["scenario"]["tasks"][0] = {"dataset": "test/text-only", "modalities": ["audio", "text"]}
+    _check(tiny, "scenario.tasks[0].modalities", "'test/text-only' has no modality 'audio'",
+           "text, vision")
+
+
+def test_pair_naming_an_unconfigured_modality(tiny: dict) -> None:
+    del tiny["model"]["modalities"]["audio"]
+    _check(tiny, "scenario.tasks[1].modalities", "'audio' is not configured")
+
+
+def test_pair_must_name_two_modalities(tiny: dict) -> None:
+    tiny["scenario"]["tasks"][0]["modalities"] = ["vision"]
+    _check(tiny, "scenario.tasks[0].modalities", "two different modalities")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "fragment"),
+    [
+        (("train", "epochs"), "ten", "train.epochs: expected int, got 'ten'"),
+        (("train", "lr"), "fast", "train.lr: expected float, got 'fast'"),
+        (("eval", "ks"), 5, "eval.ks: expected a list, got 5"),
+        (("model", "learnable_temperature"), "yes", "expected bool"),
+        (("train", "batch_size"), 0, "train.batch_size: must be at least 1"),
+    ],
+)
+def test_wrong_types_and_values(tiny: dict, path: tuple, value: object, fragment: str) -> None:
+    tiny[path[0]][path[1]] = value
+    _check(tiny, fragment)
+
+
+def test_overrides_are_validated_too(tmp_path: Path, tiny: dict) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny))
+    assert load_config(path, ["train.epochs=2"]).train.epochs == 2
+    with pytest.raises(ConfigError, match="train: unknown key 'epoks'"):
+        load_config(path, ["train.epoks=2"])
+
+
+def test_cli_exits_non_zero_before_generating_data(
+    tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture
+) -> None:
+    cache = tmp_path / "fresh-cache"
+    tiny["data"]["cache_dir"] = str(cache)
+    tiny["strategies"] = ["nope"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tiny))
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown strategy 'nope'" in err and err.count("\n") == 1
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "does/not/exist.yaml"]) == 2
+    assert "does/not/exist.yaml" in capsys.readouterr().err
