@@ -9,10 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from comodal.config import RunConfig, from_dict
-from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.modalities import build_modalities, collate_samples
-from comodal.platform.run import build_model
-from comodal.platform.trainer import EVAL_HOOKS, TRAIN_HOOKS, Trainer
+from comodal.platform.run import build_trainer
+from comodal.platform.trainer import EVAL_HOOKS, TRAIN_HOOKS
 from comodal.scenarios.registry import build_scenario
 
 with warnings.catch_warnings():
@@ -63,18 +62,11 @@ class ZeroLoss(SupervisedPlugin):
         strategy.loss = strategy.loss * 0.0
 
 
-def _trainer(config: RunConfig, plugins: list) -> Trainer:
-    modalities = build_modalities(config.model.modalities)
-    return Trainer(build_model(config, modalities), modalities,
-                   FeatureCache(config.data.cache_dir, progress=False), config.train,
-                   config.eval, plugins, seed=config.seed, progress=False)
-
-
 def test_supervised_plugin_receives_the_callbacks_in_avalanche_order(
     two_tasks: RunConfig,
 ) -> None:
     recorder = Recorder()
-    trainer = _trainer(two_tasks, [recorder])
+    trainer = build_trainer(two_tasks, [recorder])
     trainer.fit(build_scenario(two_tasks))
     calls = recorder.calls
     batches = -(-two_tasks.data.synth_pairs.train_size // two_tasks.train.batch_size)
@@ -100,7 +92,7 @@ def test_supervised_plugin_receives_the_callbacks_in_avalanche_order(
 def test_only_overridden_hooks_are_called_and_plugins_edit_the_loss(
     two_tasks: RunConfig,
 ) -> None:
-    trainer = _trainer(two_tasks, [ZeroLoss()])
+    trainer = build_trainer(two_tasks, [ZeroLoss()])
     assert [h for h, fns in trainer._hooks.items() if fns] == ["before_backward"]
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.setup(build_scenario(two_tasks))

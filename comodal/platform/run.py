@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,17 +51,26 @@ def build_model(config: RunConfig, modalities: dict) -> MultimodalEncoder:
     )
 
 
+def build_trainer(config: RunConfig, plugins: Sequence[Any] | None = None) -> Trainer:
+    """Modalities, model, feature cache and strategies of ``config`` assembled into a trainer
+    (``plugins`` replaces the configured strategies when given)."""
+    modalities = build_modalities(config.model.modalities)
+    if plugins is None:
+        plugins = build_strategies(config.strategies, config.strategy_args)
+    return Trainer(
+        build_model(config, modalities), modalities,
+        FeatureCache(config.data.cache_dir, progress=config.progress),
+        config.train, config.eval, plugins,
+        seed=config.seed, device=config.device, progress=config.progress,
+    )
+
+
 def run(config: RunConfig) -> RunResult:
     """Train through the configured scenario and write the run directory (if ``out`` is set)."""
     start = time.perf_counter()
     seed_everything(config.seed)
-    plugins = build_strategies(config.strategies, config.strategy_args)
+    trainer = build_trainer(config)
     scenario = build_scenario(config)
-    modalities = build_modalities(config.model.modalities)
-    model = build_model(config, modalities)
-    cache = FeatureCache(config.data.cache_dir, progress=config.progress)
-    trainer = Trainer(model, modalities, cache, config.train, config.eval, plugins,
-                      seed=config.seed, device=config.device, progress=config.progress)
     matrices = trainer.fit(scenario)
     summary = {m: summarize(r) for m, r in matrices.items()}
     out = Path(config.out) if config.out else None
