@@ -1,0 +1,1 @@
+"""The shared trainer, model, modalities, feature cache, losses, metrics and results."""

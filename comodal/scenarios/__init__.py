@@ -1,0 +1,1 @@
+"""Tasks, scenarios, datasets and the embedded corpora."""

@@ -1,0 +1,1 @@
+"""Continual-learning strategies as Avalanche plugins, one module each, and their registry."""
