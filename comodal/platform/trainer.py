@@ -124,6 +124,8 @@ class Trainer:
         return loaders[0] if len(loaders) == 1 else InterleavedLoader(loaders, self.generator)
 
     def _to_device(self, batch: Any) -> Any:
+        if self.device.type == "cpu":  # data is built on the CPU: nothing to move
+            return batch
         if isinstance(batch, torch.Tensor):
             return batch.to(self.device, non_blocking=True)
         if isinstance(batch, dict):

@@ -78,12 +78,11 @@ Collate = Callable[[str, Sequence[Any]], Any]
 def gather(dataset: MultimodalDataset, indices: torch.Tensor, collate: Collate) -> dict[str, Any]:
     """The batch of rows ``indices``: tensor columns are indexed, others collated per modality."""
     batch: dict[str, Any] = {}
-    rows = indices.tolist()
     for key, col in dataset.columns.items():
         if isinstance(col, torch.Tensor):
             batch[key] = col[indices]
         else:
-            batch[key] = collate(key, [col[i] for i in rows])
+            batch[key] = collate(key, [col[i] for i in indices.tolist()])
     if dataset.labels is not None:
         batch["label"] = dataset.labels[indices]
     batch["index"] = indices
