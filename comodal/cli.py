@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from comodal.config import ConfigError, load_config
+from comodal.config import load_config
+from comodal.errors import ConfigError, DataError
 
 DEFAULT_METRIC = "recall@1"
 
@@ -54,13 +56,14 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     from comodal.platform.results import format_matrix, format_summaries, read_run
     from comodal.platform.run import HEADLINE
 
-    runs = {}
-    for path in args.runs:
-        data = read_run(Path(path))
-        runs[Path(path).name] = data
-    metrics = [args.metric] if args.metric else [
-        m for m in HEADLINE if all(m in r["summary"] for r in runs.values())
-    ]
+    paths = [Path(p).resolve() for p in args.runs]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    runs = {str(p.relative_to(common)) or p.name: read_run(p) for p in paths}
+    available = set.intersection(*(set(r["summary"]) for r in runs.values()))
+    if args.metric and args.metric not in available:
+        raise ConfigError(f"--metric: {args.metric!r} is not in every run "
+                          f"(available: {', '.join(sorted(available))})")
+    metrics = [args.metric] if args.metric else [m for m in HEADLINE if m in available]
     nan = float("nan")
     for name, data in runs.items():
         matrix = torch.tensor([[nan if v is None else v for v in row]
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args)
         return _cmd_summarize(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"comodal: error: {err}", file=sys.stderr)
         return 2
 

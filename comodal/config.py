@@ -1,4 +1,5 @@
-"""Typed run configuration: dataclasses composed from YAML plus ``key=value`` overrides.
+"""Typed run configuration: dataclasses composed from defaults, YAML and ``key=value``
+overrides.
 
 Every field is validated when the file is loaded, so a typo fails before any data is made.
 """
@@ -14,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message naming the field, the value and what is valid."""
+from comodal.errors import ConfigError
 
 
 @dataclass
@@ -24,7 +23,7 @@ class ModalityConfig:
     """How one modality is encoded: the backbone choice and its preprocessing."""
 
     encoder: str
-    frozen: bool = True  # only ``hf`` can be trained; the stats extractors are fixed by design
+    frozen: bool | None = None  # None: the encoder's nature (hf frozen, conv and bags trained)
     path: str | None = None  # local Hugging Face directory; None = the bundled MiniLM
     sample_rate: int = 16000
     n_mels: int = 40
@@ -154,6 +153,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     if not isinstance(value, tp):
@@ -196,6 +200,22 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+REPLACED_WHOLE = ("modalities", "strategy_args")  # mappings a config gives in full
+
+
+def merge(defaults: dict, given: dict) -> dict:
+    """``given`` over ``defaults``, recursively; the mappings in ``REPLACED_WHOLE`` are taken
+    as given, so that listing two modalities does not keep the third default one."""
+    out = dict(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) \
+                and key not in REPLACED_WHOLE:
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config, apply overrides and validate everything that can be checked."""
     data: dict = {}
@@ -207,6 +227,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    data = merge(to_dict(RunConfig()), data)
     for assignment in overrides:
         apply_override(data, assignment)
     config = from_dict(RunConfig, data)
@@ -220,6 +243,65 @@ def _check_choice(where: str, value: str, choices: typing.Iterable[str]) -> None
         raise ConfigError(f"{where}: unknown value {value!r} (valid: {', '.join(choices)})")
 
 
+def _at_least(where: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{where}: must be at least {low}, got {value}")
+
+
+def _check_trainability(name: str, mod: ModalityConfig) -> None:
+    trainable = {"audio": "conv", "vision": "conv", "text": "embedding-bag' or 'hf"}[name]
+    if mod.encoder in ("logmel-stats", "image-stats", "features") and mod.frozen is False:
+        raise ConfigError(
+            f"model.modalities.{name}.frozen: {mod.encoder!r} is fixed and cannot be trained; "
+            f"use encoder '{trainable}' for a trainable {name} encoder"
+        )
+    if mod.encoder in ("conv", "embedding-bag") and mod.frozen is True:
+        raise ConfigError(
+            f"model.modalities.{name}.frozen: {mod.encoder!r} is a small encoder trained from "
+            f"scratch and cannot be frozen; leave 'frozen' unset"
+        )
+
+
+def _check_numbers(config: RunConfig) -> None:
+    for where, number in (
+        ("seed", config.seed), ("data.synth_pairs.seed", config.data.synth_pairs.seed),
+    ):
+        _at_least(where, number, 0)
+    for where, number in (
+        ("train.epochs", config.train.epochs), ("train.batch_size", config.train.batch_size),
+        ("eval.pool_size", config.eval.pool_size), ("eval.pool_draws", config.eval.pool_draws),
+        ("eval.batch_size", config.eval.batch_size), ("model.joint_dim", config.model.joint_dim),
+        ("data.synth_pairs.train_size", config.data.synth_pairs.train_size),
+        ("data.synth_pairs.test_size", config.data.synth_pairs.test_size),
+    ):
+        _at_least(where, number, 1)
+    for i, k in enumerate(config.eval.ks):
+        _at_least(f"eval.ks[{i}]", k, 1)
+    if not config.eval.ks:
+        raise ConfigError("eval.ks: name at least one k, for example [1, 5, 10]")
+    for where, value in (("train.lr", config.train.lr),
+                         ("model.temperature", config.model.temperature)):
+        if value <= 0:
+            raise ConfigError(f"{where}: must be positive, got {value}")
+    if config.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: must be >= 0, got {config.train.weight_decay}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device: {device!r} is not a device (for example cpu, cuda, "
+                          f"cuda:1)") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} asked for, but no CUDA device is available "
+                          f"(use cpu)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: {device!r} is not supported (valid: cpu, cuda[:N])")
+
+
 def validate(config: RunConfig) -> None:
     """Semantic checks across fields: names against registries, pairs against datasets."""
     from comodal.platform.modalities import ENCODERS
@@ -229,25 +311,19 @@ def validate(config: RunConfig) -> None:
     for name, mod in config.model.modalities.items():
         _check_choice("model.modalities", name, ENCODERS)
         _check_choice(f"model.modalities.{name}.encoder", mod.encoder, ENCODERS[name])
-        if not mod.frozen and mod.encoder != "hf":
-            raise ConfigError(
-                f"model.modalities.{name}.frozen: {mod.encoder!r} cannot be trained; "
-                f"use encoder 'conv' for a trainable {name} encoder"
-            )
+        _check_trainability(name, mod)
+        for key in ("sample_rate", "n_mels", "dim", "max_length"):
+            _at_least(f"model.modalities.{name}.{key}", getattr(mod, key), 1)
     _check_choice("train.optimizer", config.train.optimizer, OPTIMIZERS)
     _check_choice("train.loss.name", config.train.loss.name, LOSSES)
-    for where, number in (
-        ("train.epochs", config.train.epochs),
-        ("train.batch_size", config.train.batch_size),
-        ("eval.pool_size", config.eval.pool_size),
-        ("eval.pool_draws", config.eval.pool_draws),
-    ):
-        if number < 1:
-            raise ConfigError(f"{where}: must be at least 1, got {number}")
-    if config.train.lr <= 0:
-        raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
+    _check_numbers(config)
+    _check_device(config.device)
     if not config.scenario.tasks:
         raise ConfigError("scenario.tasks: a scenario needs at least one task")
+    names = [t.name for t in config.scenario.tasks if t.name is not None]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"scenario.tasks: task name {name!r} is used twice")
     for i, task in enumerate(config.scenario.tasks):
         where = f"scenario.tasks[{i}]"
         _check_choice(f"{where}.dataset", task.dataset, dataset_names())

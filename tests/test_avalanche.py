@@ -100,3 +100,38 @@ def test_only_overridden_hooks_are_called_and_plugins_edit_the_loss(
     trainer.train_experience(trainer.benchmark.train_stream[0])
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class HalfData(SupervisedPlugin):
+    """Replaces the adapted dataset, as replay plugins do, and adds a term to the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:  # noqa: ANN001
+        data = strategy.adapted_dataset
+        strategy.adapted_dataset = data.subset(range(len(data) // 2))
+
+    def before_forward(self, strategy, **kwargs) -> None:  # noqa: ANN001
+        strategy.loss = strategy.loss + 1000.0
+
+    def after_forward(self, strategy, **kwargs) -> None:  # noqa: ANN001
+        self.steps += 1
+
+
+def test_plugins_adapt_the_dataset_and_their_loss_terms_survive(two_tasks: RunConfig) -> None:
+    plugin = HalfData()
+    trainer = build_trainer(two_tasks, [plugin])
+    trainer.setup(build_scenario(two_tasks))
+    trainer.train_experience(trainer.benchmark.train_stream[0])
+    half = two_tasks.data.synth_pairs.train_size // 2
+    assert plugin.steps == two_tasks.train.epochs * -(-half // two_tasks.train.batch_size)
+    assert trainer.history[-1]["loss"] > 1000.0
+
+
+def test_a_trainer_fits_once(two_tasks: RunConfig) -> None:
+    trainer = build_trainer(two_tasks, [])
+    trainer.setup(build_scenario(two_tasks))
+    with pytest.raises(RuntimeError, match="already been fit"):
+        trainer.setup(build_scenario(two_tasks))

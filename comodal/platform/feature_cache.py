@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from comodal.errors import DataError
 from comodal.platform.modalities import Modality
 from comodal.platform.results import atomic_torch_save, atomic_write_text
 from comodal.scenarios.data import MultimodalDataset
@@ -71,7 +72,7 @@ def prepare_dataset(
     frozen backbones, stacked vectors for precomputed features, and checked (resampled) raw
     values for trainable encoders."""
     if len(dataset) == 0:
-        raise ValueError(f"dataset {dataset.name!r} ({split}) is empty")
+        raise DataError(f"dataset {dataset.name!r} ({split}) is empty")
     columns: dict[str, Any] = {}
     for name, modality in modalities.items():
         values = dataset.columns[name]
@@ -83,7 +84,7 @@ def prepare_dataset(
         if modality.config.encoder == "features":
             column = torch.stack(column)
             if column.shape[1] != modality.config.dim:
-                raise ValueError(
+                raise DataError(
                     f"dataset {dataset.name!r} ({split}): {name} features have width "
                     f"{column.shape[1]} but model.modalities.{name}.dim is {modality.config.dim}"
                 )

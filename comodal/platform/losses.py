@@ -49,5 +49,7 @@ class SupCon(nn.Module):
         positives = (labels[:, None] == labels[None, :]) & ~self_mask
         count = positives.sum(1)
         has_pos = count > 0
+        if not has_pos.any():  # no anchor has a positive: nothing to pull together
+            return z.sum() * 0.0
         summed = log_prob.masked_fill(~positives, 0.0).sum(1)
         return -(summed[has_pos] / count[has_pos]).mean()

@@ -15,6 +15,7 @@ import torchaudio
 from torch import nn
 
 from comodal.config import ModalityConfig
+from comodal.errors import ConfigError, DataError
 from comodal.platform.encoders import (
     AudioConv,
     HFText,
@@ -59,7 +60,7 @@ class Modality:
             self.trainable = VisionConv(config.dim)
         elif name == "text" and choice == "hf":
             text = HFText(self.text_dir(), config.max_length)
-            if config.frozen:
+            if config.frozen is not False:
                 self.frozen = text.eval().requires_grad_(False)
             else:
                 self.trainable = text
@@ -68,7 +69,8 @@ class Modality:
             self.tokenizer = load_hf(self.text_dir(), "tokenizer")
             self.trainable = TextEmbeddingBag(len(self.tokenizer), config.dim)
         elif choice != "features":
-            raise ValueError(f"modality {name!r} has no encoder {choice!r}: {ENCODERS[name]}")
+            raise ConfigError(f"modality {name!r} has no encoder {choice!r} "
+                              f"(valid: {', '.join(ENCODERS[name])})")
 
     def text_dir(self) -> Path:
         return Path(self.config.path) if self.config.path else default_text_model_dir()
@@ -84,30 +86,30 @@ class Modality:
         if self.config.encoder == "features":
             tensor = torch.as_tensor(value, dtype=torch.float32)
             if tensor.dim() != 1:
-                raise ValueError(f"{where}: {self.name} features must be a vector, "
+                raise DataError(f"{where}: {self.name} features must be a vector, "
                                  f"got shape {tuple(tensor.shape)}")
             return tensor
         if self.name == "audio":
             return self._audio(value, where)
         if self.name == "text":
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{where}: text must be a non-empty string, got {value!r}")
+                raise DataError(f"{where}: text must be a non-empty string, got {value!r}")
             return value
         image = torch.as_tensor(value, dtype=torch.float32)
         if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"{where}: vision expects an image [3, H, W], "
+            raise DataError(f"{where}: vision expects an image [3, H, W], "
                              f"got shape {tuple(image.shape)}")
         return image
 
     def _audio(self, value: Any, where: str) -> torch.Tensor:
         if not (isinstance(value, tuple) and len(value) == 2):
-            raise ValueError(f"{where}: audio must be (waveform, sample_rate), got {type(value)}")
+            raise DataError(f"{where}: audio must be (waveform, sample_rate), got {type(value)}")
         wave, rate = value
         if not isinstance(rate, int) or rate <= 0:
-            raise ValueError(f"{where}: audio sample rate must be a positive int, got {rate!r}")
+            raise DataError(f"{where}: audio sample rate must be a positive int, got {rate!r}")
         wave = to_mono(torch.as_tensor(wave))
         if wave.numel() == 0 or not torch.isfinite(wave).all():
-            raise ValueError(f"{where}: audio waveform is empty or not finite")
+            raise DataError(f"{where}: audio waveform is empty or not finite")
         if rate != self.config.sample_rate:
             wave = torchaudio.functional.resample(wave, rate, self.config.sample_rate)
         return wave

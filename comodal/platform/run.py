@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ def build_model(config: RunConfig, modalities: dict) -> MultimodalEncoder:
 
 def build_trainer(config: RunConfig, plugins: Sequence[Any] | None = None) -> Trainer:
     """Modalities, model, feature cache and strategies of ``config`` assembled into a trainer
-    (``plugins`` replaces the configured strategies when given)."""
+    (``plugins`` replaces the configured strategies when given). Seeds every generator first,
+    so that the same config and seed give the same initial model."""
+    seed_everything(config.seed)
     modalities = build_modalities(config.model.modalities)
     if plugins is None:
         plugins = build_strategies(config.strategies, config.strategy_args)
@@ -68,7 +71,6 @@ def build_trainer(config: RunConfig, plugins: Sequence[Any] | None = None) -> Tr
 def run(config: RunConfig) -> RunResult:
     """Train through the configured scenario and write the run directory (if ``out`` is set)."""
     start = time.perf_counter()
-    seed_everything(config.seed)
     trainer = build_trainer(config)
     scenario = build_scenario(config)
     matrices = trainer.fit(scenario)
@@ -76,8 +78,12 @@ def run(config: RunConfig) -> RunResult:
     out = Path(config.out) if config.out else None
     seconds = time.perf_counter() - start
     if out is not None:
+        for stale in (out / "tb", out / "matrices"):  # a rerun replaces, never mixes
+            shutil.rmtree(stale, ignore_errors=True)
+        reports = {p.name: p.results() for p in trainer.plugins if hasattr(p, "results")}
         write_run(out, to_dict(config), scenario.task_names, matrices, summary,
-                  extra={"history": trainer.history, "seconds": round(seconds, 2)})
+                  extra={"history": trainer.history, "seconds": round(seconds, 2),
+                         "strategies": reports})
         write_tensorboard(out / "tb", scenario.task_names, matrices, summary, trainer.history)
     return RunResult(scenario.task_names, matrices, summary, out, seconds)
 

@@ -3,18 +3,15 @@ strategy plugins at Avalanche's moments, evaluating every task before and after 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # qpsolvers warns at import that no QP solver is installed
-    from avalanche.core import BasePlugin, BaseSGDPlugin, SupervisedPlugin
-
+from comodal._avalanche import BasePlugin, BaseSGDPlugin, SupervisedPlugin
 from comodal.config import EvalConfig, TrainConfig
+from comodal.errors import ConfigError
 from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.losses import InfoNCE
 from comodal.platform.metrics import retrieval_recalls, zero_shot_accuracy
@@ -66,6 +63,9 @@ class Trainer:
         self.modalities, self.cache = modalities, cache
         self.train_cfg, self.eval_cfg, self.seed, self.progress = train, evaluation, seed, progress
         self.plugins = list(plugins)
+        for plugin in self.plugins:  # strategies that name model parts check them up front
+            if hasattr(plugin, "check"):
+                plugin.check(self.model)
         self._hooks = {
             hook: [getattr(p, hook) for p in self.plugins if overrides(p, hook)]
             for hook in TRAIN_HOOKS + EVAL_HOOKS
@@ -75,6 +75,7 @@ class Trainer:
         self.train_epochs, self.train_mb_size = train.epochs, train.batch_size
         self.optimizer: torch.optim.Optimizer | None = None
         self.experience: Any = None
+        self.scenario: Scenario | None = None
         self.dataloader: Any = None
         self.mbatch: dict[str, Any] | None = None
         self.mb_output: tuple[torch.Tensor, ...] | None = None
@@ -94,6 +95,10 @@ class Trainer:
         """Each task's data as training reads it (frozen backbones through the cache)."""
         tasks = []
         for task in scenario.tasks:
+            missing = [m for m in task.modalities if m not in self.modalities]
+            if missing:
+                raise ConfigError(f"task {task.name!r} uses modality {missing[0]!r}, which the "
+                                 f"model does not have (configured: {', '.join(self.modalities)})")
             mods = {m: self.modalities[m] for m in task.modalities}
             tasks.append(task.with_data(prepare_dataset(task.train, "train", mods, self.cache),
                                         prepare_dataset(task.test, "test", mods, self.cache)))
@@ -109,27 +114,35 @@ class Trainer:
         )
         prepared = prepare_dataset(classes, "classes", {"text": self.modalities["text"]},
                                    self.cache)
-        return self._to_device(self._gather_all(prepared))
+        return self.to_device(self._gather_all(prepared))
 
     def _gather_all(self, data: MultimodalDataset) -> dict[str, Any]:
         return next(iter(BatchLoader(data, self._collate, len(data), -1, shuffle=False)))
 
     def make_loader(self, task_ids: Sequence[int]) -> BatchLoader | InterleavedLoader:
-        """Training batches of the given tasks (interleaved when there are several)."""
+        """Training batches of the given tasks (interleaved when there are several); the
+        current task reads ``adapted_dataset``, which plugins may replace."""
+        current = getattr(self, "experience_index", None)
         loaders = [
-            BatchLoader(self.scenario.tasks[i].train, self._collate, self.train_mb_size, i,
-                        shuffle=True, generator=self.generator)
+            BatchLoader(self.adapted_dataset if i == current else self.scenario.tasks[i].train,
+                        self._collate, self.train_mb_size, i, shuffle=True,
+                        generator=self.generator)
             for i in task_ids
         ]
         return loaders[0] if len(loaders) == 1 else InterleavedLoader(loaders, self.generator)
 
-    def _to_device(self, batch: Any) -> Any:
+    def ordered_loader(self, task_id: int) -> BatchLoader:
+        """A task's training batches in order, for statistics a strategy takes after a task."""
+        return BatchLoader(self.scenario.tasks[task_id].train, self._collate,
+                           self.eval_cfg.batch_size, task_id, shuffle=False)
+
+    def to_device(self, batch: Any) -> Any:
         if self.device.type == "cpu":  # data is built on the CPU: nothing to move
             return batch
         if isinstance(batch, torch.Tensor):
             return batch.to(self.device, non_blocking=True)
         if isinstance(batch, dict):
-            return {k: self._to_device(v) for k, v in batch.items()}
+            return {k: self.to_device(v) for k, v in batch.items()}
         return batch
 
     # ----------------------------------------------------------------- training
@@ -150,6 +163,9 @@ class Trainer:
 
     def setup(self, scenario: Scenario) -> None:
         """Prepare every task's data and build the Avalanche benchmark the loop iterates."""
+        if self.scenario is not None:
+            raise RuntimeError("this Trainer has already been fit; build a new one per run "
+                               "so that row 0 is the model before any training")
         torch.manual_seed(self.seed)
         self.scenario = self.prepare(scenario)
         self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
@@ -185,7 +201,7 @@ class Trainer:
             self._call("before_training_epoch")
             running, steps = torch.zeros(()), 0
             for batch in self.dataloader:
-                self.mbatch = self._to_device(batch)
+                self.mbatch = self.to_device(batch)
                 self.training_step()
                 running += self.loss.detach()
                 steps += 1
@@ -207,11 +223,12 @@ class Trainer:
         """The one place that calls ``zero_grad``, ``backward`` and ``step``."""
         self._call("before_training_iteration")
         self.optimizer.zero_grad(set_to_none=True)
+        self.loss = torch.zeros((), device=self.device)  # plugins may add to it from here on
         self._call("before_forward")
         a, b = self.pair(self.mbatch)
         self.mb_output = (self.model.encode(self.mbatch, a), self.model.encode(self.mbatch, b))
         self._call("after_forward")
-        self.loss = self.criterion(*self.mb_output, self.model.scale)
+        self.loss = self.loss + self.criterion(*self.mb_output, self.model.scale)
         self._call("before_backward")
         self.loss.backward()
         self._call("after_backward")
@@ -227,7 +244,7 @@ class Trainer:
         loader = BatchLoader(data, self._collate, self.eval_cfg.batch_size, -1, shuffle=False)
         out: dict[str, list[torch.Tensor]] = {m: [] for m in pair}
         for batch in loader:
-            self.mbatch = self._to_device(batch)
+            self.mbatch = self.to_device(batch)
             self._call("before_eval_iteration")
             self._call("before_eval_forward")
             self.mb_output = tuple(self.model.encode(self.mbatch, m) for m in pair)

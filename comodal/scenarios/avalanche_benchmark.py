@@ -6,15 +6,15 @@ datasets are wrapped without transform groups and carry their own collate functi
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # qpsolvers warns at import that no QP solver is installed
-    from avalanche.benchmarks import CLScenario, DatasetExperience, EagerCLStream
-    from avalanche.benchmarks.utils import make_avalanche_dataset
-
+from comodal._avalanche import (
+    CLScenario,
+    DatasetExperience,
+    EagerCLStream,
+    make_avalanche_dataset,
+)
 from comodal.scenarios.task import Task
 
 

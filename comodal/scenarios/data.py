@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from comodal.errors import DataError
+
 
 @dataclass
 class MultimodalDataset(Dataset):
@@ -36,7 +38,7 @@ class MultimodalDataset(Dataset):
             lengths["label"] = len(self.labels)
         lengths.update({key: len(col) for key, col in self.meta.items()})
         if len(set(lengths.values())) > 1:
-            raise ValueError(f"dataset {self.name!r}: columns differ in length: {lengths}")
+            raise DataError(f"dataset {self.name!r}: columns differ in length: {lengths}")
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from comodal.config import DataConfig, SynthPairsConfig
+from comodal.platform.encoders import source_digest
 from comodal.platform.results import atomic_torch_save
 from comodal.scenarios import synth_world as world
 from comodal.scenarios.data import MultimodalDataset
@@ -25,8 +26,9 @@ MODALITIES = ("vision", "audio", "text")
 
 
 def fingerprint(cfg: SynthPairsConfig) -> str:
-    payload = json.dumps({"version": VERSION, "seed": cfg.seed, "train": cfg.train_size,
-                          "test": cfg.test_size}, sort_keys=True)
+    payload = json.dumps({"version": VERSION, "world": source_digest(world),
+                          "generator": source_digest(generate_split), "seed": cfg.seed,
+                          "train": cfg.train_size, "test": cfg.test_size}, sort_keys=True)
     return "synth-pairs-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from comodal.errors import DataError
 from comodal.scenarios.data import MultimodalDataset
 
 
@@ -25,10 +26,10 @@ class Task:
         self.modalities = tuple(self.modalities)
         for split, data in (("train", self.train), ("test", self.test)):
             if len(data) == 0:
-                raise ValueError(f"task {self.name!r}: the {split} set is empty")
+                raise DataError(f"task {self.name!r}: the {split} set is empty")
             missing = [m for m in self.modalities if m not in data.modalities]
             if missing:
-                raise ValueError(
+                raise DataError(
                     f"task {self.name!r}: {split} dataset {data.name!r} has no modality "
                     f"{missing[0]!r} (it has: {', '.join(data.modalities)})"
                 )
@@ -45,10 +46,10 @@ class Scenario:
 
     def __post_init__(self) -> None:
         if not self.tasks:
-            raise ValueError("a scenario needs at least one task")
+            raise DataError("a scenario needs at least one task")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
-            raise ValueError(f"task names must be unique, got {names}")
+            raise DataError(f"task names must be unique, got {names}")
 
     def __len__(self) -> int:
         return len(self.tasks)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # qpsolvers warns at import that no QP solver is installed
-    from avalanche.core import SupervisedPlugin
+from comodal._avalanche import SupervisedPlugin
 
 
 @dataclass

@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from comodal.config import ConfigError, from_dict
+from comodal.config import from_dict
+from comodal.errors import ConfigError
 from comodal.strategies.base import Strategy
+from comodal.strategies.dns import DNS
+from comodal.strategies.ewc import EWC
 from comodal.strategies.finetune import Finetune
+from comodal.strategies.gpm import GPM
 from comodal.strategies.joint import Joint
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Finetune, Joint)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Finetune, Joint, DNS, GPM, EWC)
+}
 
 
 def validate_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, Any]]) -> None:
@@ -22,6 +28,11 @@ def validate_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, An
             raise ConfigError(
                 f"strategies[{i}]: unknown strategy {name!r} (valid: {', '.join(STRATEGIES)})"
             )
+    if "joint" in names and names[0] != "joint":
+        raise ConfigError(
+            "strategies: 'joint' must come first, since it replaces the training loader that "
+            f"later strategies build on (got {list(names)})"
+        )
     if len(set(names)) != len(names):
         raise ConfigError(f"strategies: each strategy may appear once, got {list(names)}")
     for name, options in args.items():
@@ -33,7 +44,7 @@ def validate_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, An
 
 
 def build_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, Any]]) -> list:
-    """Plugins in stack order (the order their callbacks run in)."""
+    """Plugins in stack order: at each callback they run in the order named in the config."""
     validate_strategies(names, args)
     return [
         STRATEGIES[n](from_dict(STRATEGIES[n].Config, dict(args.get(n, {})), f"strategy_args.{n}"))

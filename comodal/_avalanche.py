@@ -1,0 +1,18 @@
+"""The Avalanche names comodal uses, imported in one place.
+
+Avalanche 0.6 imports qpsolvers, which warns at import when no QP solver is installed (only
+its GEM plugin needs one); the warning is silenced here rather than at every import site.
+"""
+
+import warnings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from avalanche.benchmarks import CLScenario, DatasetExperience, EagerCLStream
+    from avalanche.benchmarks.utils import make_avalanche_dataset
+    from avalanche.core import BasePlugin, BaseSGDPlugin, SupervisedPlugin
+
+__all__ = [
+    "BasePlugin", "BaseSGDPlugin", "CLScenario", "DatasetExperience", "EagerCLStream",
+    "SupervisedPlugin", "make_avalanche_dataset",
+]

@@ -1,0 +1,225 @@
+"""``dns``: dual-sided null-space projection (Liu et al., "Continual Multimodal Contrastive
+Learning", NeurIPS 2025).
+
+Per modality m: C_m, the second moment of m's head inputs over past tasks that used m, and
+C̃_m, the second moment of m's partners' projected embeddings, both count-weighted. Before a
+task, P_m and P̃_m project onto their leading eigenvectors; every step each active head's
+gradient becomes G - P̃ G P, so for an old input x in range(P) and an old partner embedding y
+in range(P̃), yᵀ ΔW x = 0: old cross-modal scores do not move to first order.
+
+Unlike the reference code, the moments come from the task's own pair, the thresholds are
+scale-aware and reported, and ``mode: update`` projects the optimizer's actual parameter change
+(AdamW's element-wise scaling would otherwise leave the protected subspace).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from comodal.errors import ConfigError
+from comodal.strategies.base import Strategy
+from comodal.strategies.projection import (
+    FORMS,
+    RULES,
+    input_moments,
+    linear_layers,
+    principal_basis,
+    project_dual,
+    project_input,
+)
+
+MODES = ("grad", "update")
+PARTNER = ("current", "snapshot")
+
+
+@dataclass
+class DNSConfig:
+    mode: str = "grad"  # grad: project G before the step; update: project the step itself
+    input_rule: str = "energy"  # energy (retained fraction) | relative (to the top eigenvalue)
+    input_threshold: float = 0.99
+    output_rule: str = "energy"
+    output_threshold: float = 0.99
+    form: str = "auto"  # auto picks the cheaper of dense and low-rank from the kept ranks
+    modalities: list[str] | None = None  # heads to protect; default every head
+    encoder_layers: bool = False  # also project every nn.Linear of trainable encoders (input side)
+    keep_norms: bool = False  # C̃_m also absorbs m's own embeddings, so their norms hold too
+    # current: C̃_m is rebuilt before each task from the partners' stored input moments through
+    # the partners' heads as they are now; snapshot: the paper's embeddings at each task's end
+    partner_embeddings: str = "current"
+
+    def __post_init__(self) -> None:
+        for field, value, valid in (("mode", self.mode, MODES), ("form", self.form, FORMS),
+                                    ("partner_embeddings", self.partner_embeddings, PARTNER),
+                                    ("input_rule", self.input_rule, RULES),
+                                    ("output_rule", self.output_rule, RULES)):
+            if value not in valid:
+                raise ConfigError(f"strategy_args.dns.{field}: unknown value {value!r} "
+                                  f"(valid: {', '.join(valid)})")
+        for field in ("input_threshold", "output_threshold"):
+            if not 0 < getattr(self, field) <= 1:
+                raise ConfigError(f"strategy_args.dns.{field}: must be in (0, 1], "
+                                  f"got {getattr(self, field)}")
+
+
+class DNS(Strategy):
+    name = "dns"
+    Config = DNSConfig
+
+    def __init__(self, config: DNSConfig | None = None) -> None:
+        super().__init__(config)
+        self.moment_in: dict[str, torch.Tensor] = {}  # sums of x xᵀ of each head's inputs
+        self.moment_out: dict[str, torch.Tensor] = {}  # sums of y yᵀ of partner embeddings
+        self.partner_inputs: dict[str, torch.Tensor] = {}  # "m|p": sums of x_p x_pᵀ
+        self.count: dict[str, int] = {}
+        self.layer_moments: dict[str, torch.Tensor] = {}
+        self.layer_count: dict[str, int] = {}
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layer_bases: dict[str, torch.Tensor] = {}
+        self.ranks: list[dict[str, Any]] = []
+        self.projections = 0
+        self._before: dict[str, torch.Tensor] = {}
+
+    def check(self, model: Any) -> None:
+        for m in self.config.modalities or []:
+            if m not in model.heads:
+                raise ConfigError(f"strategy dns: modality {m!r} has no head to protect "
+                                 f"(heads: {', '.join(model.heads)})")
+
+    def protected(self, model: Any) -> list[str]:
+        return list(self.config.modalities or model.heads)
+
+    # ------------------------------------------------------------ projectors
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        cfg, model = self.config, strategy.model
+        self.bases, report = {}, {}
+        for m in self.protected(model):
+            if self.count.get(m, 0) == 0:
+                continue  # a modality never trained has P = P̃ = 0
+            u = principal_basis(self.moment_in[m] / self.count[m], cfg.input_rule,
+                                cfg.input_threshold)
+            v = principal_basis(self.output_moment(model, m) / self.count[m], cfg.output_rule,
+                                cfg.output_threshold)
+            self.bases[m] = (u, v)
+            weight = model.heads[m].weight
+            report[m] = {"input": u.shape[1], "input_dim": weight.shape[1],
+                         "output": v.shape[1], "output_dim": weight.shape[0]}
+        self.layer_bases = {
+            name: principal_basis(s / self.layer_count[name], cfg.input_rule, cfg.input_threshold)
+            for name, s in self.layer_moments.items()
+        }
+        for name, u in self.layer_bases.items():
+            report[name] = {"input": u.shape[1], "input_dim": u.shape[0]}
+        self.ranks.append({"task": strategy.experience_index, "kept": report})
+
+    @torch.no_grad()
+    def output_moment(self, model: Any, m: str) -> torch.Tensor:
+        """Sum of y yᵀ over the old embeddings y that m's head must stay orthogonal to."""
+        if self.config.partner_embeddings == "snapshot":
+            return self.moment_out[m]
+        total = 0
+        for key, moment in self.partner_inputs.items():
+            owner, partner = key.split("|")
+            if owner == m:
+                w = model.heads[partner].weight
+                total = total + w @ moment @ w.T
+        return total
+
+    def _active(self, strategy: Any) -> list[tuple[torch.nn.Parameter, Any]]:
+        """(weight, basis) pairs to project this step: heads of the batch's pair, and their
+        encoders' linear layers."""
+        pair = strategy.pair(strategy.mbatch)
+        model = strategy.model
+        out = [(model.heads[m].weight, self.bases[m]) for m in pair if m in self.bases]
+        for m in pair:
+            if m in model.encoders:
+                for name, layer in linear_layers(model.encoders[m], f"encoders.{m}.").items():
+                    if name in self.layer_bases:
+                        out.append((layer.weight, self.layer_bases[name]))
+        return out
+
+    def _project(self, tensor: torch.Tensor, basis: Any) -> torch.Tensor:
+        self.projections += 1
+        if isinstance(basis, tuple):
+            u, v = basis
+            return project_dual(tensor, u, v, self.config.form)
+        return project_input(tensor, basis)
+
+    @torch.no_grad()
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if self.config.mode != "grad":
+            return
+        for weight, basis in self._active(strategy):
+            if weight.grad is not None:
+                weight.grad.copy_(self._project(weight.grad, basis))
+
+    @torch.no_grad()
+    def before_update(self, strategy: Any, **kwargs: Any) -> None:
+        if self.config.mode == "update":
+            self._before = {id(w): w.detach().clone() for w, _ in self._active(strategy)}
+
+    @torch.no_grad()
+    def after_update(self, strategy: Any, **kwargs: Any) -> None:
+        if self.config.mode != "update":
+            return
+        for weight, basis in self._active(strategy):
+            old = self._before[id(weight)]
+            weight.copy_(old + self._project(weight - old, basis))
+
+    # ------------------------------------------------------------ memory
+    @torch.no_grad()
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        """Absorb this task's moments, from the task's own pair (A, B): C_A, C_B from the
+        inputs; C̃_B from A's embeddings and C̃_A from B's, as the heads are now."""
+        index = strategy.experience_index
+        a, b = strategy.scenario.tasks[index].modalities
+        model = strategy.model
+        was_training = model.training
+        model.eval()
+        batches = [strategy.to_device(batch) for batch in strategy.ordered_loader(index)]
+        for batch in batches:
+            x = {m: model.backbone(batch[m], m) for m in (a, b)}
+            z = {m: model.heads[m](x[m]) for m in (a, b)}
+            for m, partner in ((a, b), (b, a)):
+                self._add(self.moment_in, m, x[m].T @ x[m])
+                self._add(self.moment_out, m, z[partner].T @ z[partner])
+                self._add(self.partner_inputs, f"{m}|{partner}", x[partner].T @ x[partner])
+                if self.config.keep_norms:
+                    self._add(self.moment_out, m, z[m].T @ z[m])
+                    self._add(self.partner_inputs, f"{m}|{m}", x[m].T @ x[m])
+                self.count[m] = self.count.get(m, 0) + len(x[m])
+        if self.config.encoder_layers:
+            layers = {}
+            for m in (a, b):
+                if m in model.encoders:
+                    layers.update(linear_layers(model.encoders[m], f"encoders.{m}."))
+            moments = input_moments(layers, lambda batch: [model.backbone(batch[m], m)
+                                                           for m in (a, b)], batches)
+            for name, (s, n) in moments.items():
+                self._add(self.layer_moments, name, s)
+                self.layer_count[name] = self.layer_count.get(name, 0) + n
+        model.train(was_training)
+
+    @staticmethod
+    def _add(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+        store[key] = value.detach().clone() if key not in store else store[key] + value
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (tensors and plain containers only)."""
+        return {"moment_in": self.moment_in, "moment_out": self.moment_out,
+                "partner_inputs": self.partner_inputs,
+                "count": self.count, "layer_moments": self.layer_moments,
+                "layer_count": self.layer_count, "ranks": self.ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def results(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"mode": cfg.mode, "form": cfg.form, "partner_embeddings": cfg.partner_embeddings,
+                "input_threshold": {"rule": cfg.input_rule, "value": cfg.input_threshold},
+                "output_threshold": {"rule": cfg.output_rule, "value": cfg.output_threshold},
+                "kept_ranks": self.ranks}

@@ -1,0 +1,108 @@
+"""Subspace maths shared by the gradient-projection strategies (DNS, GPM): bases kept by a
+scale-aware threshold, one- and two-sided projections in dense or low-rank form, and input
+second moments of linear layers collected through forward hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+RULES = ("energy", "relative")
+FORMS = ("auto", "dense", "lowrank")
+
+
+def kept_rank(eigenvalues: torch.Tensor, rule: str, threshold: float) -> int:
+    """How many leading eigenvalues (sorted descending) to keep.
+
+    ``energy``: the fewest whose sum reaches ``threshold`` of the total (retained energy);
+    ``relative``: those at least ``threshold`` times the largest. Both are invariant to the
+    scale of the features, unlike an absolute cut."""
+    lam = eigenvalues.clamp(min=0)
+    total = lam.sum()
+    if total <= 0:
+        return 0
+    if rule == "energy":
+        reached = (lam.cumsum(0) / total) >= threshold - 1e-12
+        return int(reached.float().argmax()) + 1 if reached.any() else len(lam)
+    if rule == "relative":
+        return int((lam >= threshold * lam[0]).sum())
+    raise ValueError(f"unknown threshold rule {rule!r} (valid: {', '.join(RULES)})")
+
+
+def principal_basis(moment: torch.Tensor, rule: str, threshold: float) -> torch.Tensor:
+    """Orthonormal basis ``[d, k]`` of the leading eigenvectors of a second-moment matrix."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment.double())
+    order = eigenvalues.argsort(descending=True)
+    k = kept_rank(eigenvalues[order], rule, threshold)
+    return eigenvectors[:, order[:k]].to(moment.dtype)
+
+
+def dual_flops(out_dim: int, in_dim: int, k_out: int, k_in: int) -> dict[str, int]:
+    """Multiply-adds of G - P_out G P_in in dense form and of G - V (Vᵀ G U) Uᵀ in low-rank form."""
+    dense = out_dim * out_dim * in_dim + out_dim * in_dim * in_dim
+    lowrank = k_out * out_dim * in_dim + k_out * in_dim * k_in + out_dim * k_out * k_in \
+        + out_dim * k_in * in_dim
+    return {"dense": dense, "lowrank": lowrank}
+
+
+def project_dual(
+    grad: torch.Tensor, u_in: torch.Tensor, v_out: torch.Tensor, form: str = "auto",
+    dense: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``G - P_out G P_in`` with ``P_in = U Uᵀ`` and ``P_out = V Vᵀ``: the part of ``G`` that
+    moves no score ``yᵀ G x`` with x in span(U) and y in span(V).
+
+    ``dense`` may pass precomputed ``(P_out, P_in)``; ``auto`` picks the cheaper form."""
+    if u_in.shape[1] == 0 or v_out.shape[1] == 0:
+        return grad
+    if form == "auto":
+        cost = dual_flops(grad.shape[0], grad.shape[1], v_out.shape[1], u_in.shape[1])
+        form = "lowrank" if cost["lowrank"] <= cost["dense"] else "dense"
+    if form == "lowrank":
+        return grad - v_out @ ((v_out.T @ grad) @ u_in) @ u_in.T
+    p_out, p_in = dense if dense is not None else (v_out @ v_out.T, u_in @ u_in.T)
+    return grad - p_out @ grad @ p_in
+
+
+def project_input(grad: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
+    """``G - G U Uᵀ`` (GPM): no change to the layer's output on inputs in span(U)."""
+    if u_in.shape[1] == 0:
+        return grad
+    return grad - (grad @ u_in) @ u_in.T
+
+
+def linear_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside ``module`` by qualified name."""
+    return {
+        f"{prefix}{name}": m for name, m in module.named_modules() if isinstance(m, nn.Linear)
+    }
+
+
+@torch.no_grad()
+def input_moments(
+    layers: dict[str, nn.Linear], run: Any, batches: Iterable[Any]
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Sum of x xᵀ over every input row each layer sees while ``run(batch)`` is called on each
+    batch, and the row count (leading dimensions of the input are flattened)."""
+    sums: dict[str, list] = {name: [None, 0] for name in layers}
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            acc = sums[name]
+            acc[0] = x.T @ x if acc[0] is None else acc[0] + x.T @ x
+            acc[1] += x.shape[0]
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        for batch in batches:
+            run(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (s.float(), n) for name, (s, n) in sums.items() if s is not None}
