@@ -210,3 +210,35 @@ def test_protecting_what_does_not_exist_is_a_clear_error(tmp_path: Path) -> None
         build_trainer(config, [GPM(GPMConfig(layers=["heads"]))])
     with pytest.raises(ConfigError, match="strategy_args.dns.mode: unknown value 'both'"):
         DNSConfig(mode="both")
+
+
+def test_dns_projects_linear_layers_of_trainable_encoders(tmp_path: Path) -> None:
+    dns = DNS(DNSConfig(mode="grad", encoder_layers=True, **KEEP_ALL))
+    trainer = build_trainer(_config(tmp_path, "sgd", 0.01, batch=32, epochs=2), [dns])
+    encoder = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Tanh())
+    trainer.model.encoders["a"] = encoder
+    trainer.setup(_scenario(("a", "b"), ("a", "c"), step_batch=32))
+    first, second = trainer.benchmark.train_stream
+    trainer.train_experience(first)
+    assert set(dns.layer_moments) == {"encoders.a.0"}
+    before = encoder(trainer.scenario.tasks[0].test.columns["a"]).detach()
+    trainer.train_cfg.lr = 0.01
+    trainer.train_experience(second)
+    assert dns.ranks[-1]["kept"]["encoders.a.0"]["input"] == 4  # 3 + the bias direction
+    after = encoder(trainer.scenario.tasks[0].test.columns["a"]).detach()
+    assert ((after - before).norm() / before.norm()).item() < 1e-4
+
+
+def test_strategy_state_is_plain_tensors_and_round_trips(tmp_path: Path) -> None:
+    dns, gpm, ewc = DNS(), GPM(), EWC()
+    trainer = build_trainer(_config(tmp_path, "adamw", 0.01, batch=32, epochs=1),
+                            [dns, gpm, ewc])
+    assert trainer._hooks["after_backward"] == [dns.after_backward, gpm.after_backward]
+    assert trainer._hooks["before_backward"] == [ewc.before_backward]
+    trainer.fit(_scenario(("a", "b"), ("a", "c"), step_batch=32))
+    for plugin, fresh in ((dns, DNS()), (gpm, GPM()), (ewc, EWC())):
+        path = tmp_path / f"{plugin.name}.pt"
+        torch.save(plugin.state_dict(), path)
+        fresh.load_state_dict(torch.load(path, weights_only=True))
+        for key, value in plugin.state_dict().items():
+            assert str(fresh.state_dict()[key]) == str(value), (plugin.name, key)

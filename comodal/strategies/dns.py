@@ -25,10 +25,12 @@ from comodal.strategies.projection import (
     FORMS,
     RULES,
     input_moments,
+    layer_matrix,
     linear_layers,
     principal_basis,
     project_dual,
     project_input,
+    set_layer_matrix,
 )
 
 MODES = ("grad", "update")
@@ -111,7 +113,7 @@ class DNS(Strategy):
             for name, s in self.layer_moments.items()
         }
         for name, u in self.layer_bases.items():
-            report[name] = {"input": u.shape[1], "input_dim": u.shape[0]}
+            report[name] = {"input": u.shape[1], "input_dim": u.shape[0]}  # bias row included
         self.ranks.append({"task": strategy.experience_index, "kept": report})
 
     @torch.no_grad()
@@ -127,46 +129,47 @@ class DNS(Strategy):
                 total = total + w @ moment @ w.T
         return total
 
-    def _active(self, strategy: Any) -> list[tuple[torch.nn.Parameter, Any]]:
-        """(weight, basis) pairs to project this step: heads of the batch's pair, and their
-        encoders' linear layers."""
+    def _active(self, strategy: Any) -> list[tuple[str, torch.nn.Linear, Any]]:
+        """(name, layer, basis) to project this step: heads of the batch's pair (dual-sided)
+        and their encoders' linear layers (input side)."""
         pair = strategy.pair(strategy.mbatch)
         model = strategy.model
-        out = [(model.heads[m].weight, self.bases[m]) for m in pair if m in self.bases]
+        out = [(m, model.heads[m], self.bases[m]) for m in pair if m in self.bases]
         for m in pair:
             if m in model.encoders:
                 for name, layer in linear_layers(model.encoders[m], f"encoders.{m}.").items():
                     if name in self.layer_bases:
-                        out.append((layer.weight, self.layer_bases[name]))
+                        out.append((name, layer, self.layer_bases[name]))
         return out
 
-    def _project(self, tensor: torch.Tensor, basis: Any) -> torch.Tensor:
+    def _project(self, matrix: torch.Tensor, basis: Any) -> torch.Tensor:
         self.projections += 1
         if isinstance(basis, tuple):
             u, v = basis
-            return project_dual(tensor, u, v, self.config.form)
-        return project_input(tensor, basis)
+            return project_dual(matrix, u, v, self.config.form)
+        return project_input(matrix, basis)
 
     @torch.no_grad()
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.config.mode != "grad":
             return
-        for weight, basis in self._active(strategy):
-            if weight.grad is not None:
-                weight.grad.copy_(self._project(weight.grad, basis))
+        for _, layer, basis in self._active(strategy):
+            if layer.weight.grad is not None:
+                grad = layer_matrix(layer, grad=True)
+                set_layer_matrix(layer, self._project(grad, basis), grad=True)
 
     @torch.no_grad()
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
         if self.config.mode == "update":
-            self._before = {id(w): w.detach().clone() for w, _ in self._active(strategy)}
+            self._before = {name: layer_matrix(layer) for name, layer, _ in self._active(strategy)}
 
     @torch.no_grad()
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if self.config.mode != "update":
             return
-        for weight, basis in self._active(strategy):
-            old = self._before[id(weight)]
-            weight.copy_(old + self._project(weight - old, basis))
+        for name, layer, basis in self._active(strategy):
+            old = self._before[name]
+            set_layer_matrix(layer, old + self._project(layer_matrix(layer) - old, basis))
 
     # ------------------------------------------------------------ memory
     @torch.no_grad()

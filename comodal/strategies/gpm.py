@@ -16,7 +16,13 @@ import torch
 
 from comodal.errors import ConfigError
 from comodal.strategies.base import Strategy
-from comodal.strategies.projection import input_moments, linear_layers, project_input
+from comodal.strategies.projection import (
+    input_moments,
+    layer_matrix,
+    linear_layers,
+    project_input,
+    set_layer_matrix,
+)
 
 
 @dataclass
@@ -83,7 +89,8 @@ class GPM(Strategy):
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         for name, layer in self._layers.items():
             if layer.weight.grad is not None and name in self.bases:
-                layer.weight.grad.copy_(project_input(layer.weight.grad, self.bases[name]))
+                grad = project_input(layer_matrix(layer, grad=True), self.bases[name])
+                set_layer_matrix(layer, grad, grad=True)
 
     @torch.no_grad()
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:

@@ -74,6 +74,25 @@ def project_input(grad: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
     return grad - (grad @ u_in) @ u_in.T
 
 
+def layer_matrix(layer: nn.Linear, grad: bool = False) -> torch.Tensor:
+    """``[W | b]``: the layer as one matrix acting on ``[x, 1]`` (its weight alone if no bias),
+    so that protecting the span of old augmented inputs also covers the bias."""
+    w = layer.weight.grad if grad else layer.weight
+    if layer.bias is None:
+        return w.detach().clone()
+    b = layer.bias.grad if grad else layer.bias
+    return torch.cat([w.detach(), b.detach()[:, None]], dim=1)
+
+
+@torch.no_grad()
+def set_layer_matrix(layer: nn.Linear, matrix: torch.Tensor, grad: bool = False) -> None:
+    """Write ``[W | b]`` back into the layer's parameters (or their gradients)."""
+    w = layer.weight.grad if grad else layer.weight
+    w.copy_(matrix[:, : layer.in_features])
+    if layer.bias is not None:
+        (layer.bias.grad if grad else layer.bias).copy_(matrix[:, -1])
+
+
 def linear_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` inside ``module`` by qualified name."""
     return {
@@ -86,12 +105,15 @@ def input_moments(
     layers: dict[str, nn.Linear], run: Any, batches: Iterable[Any]
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Sum of x xᵀ over every input row each layer sees while ``run(batch)`` is called on each
-    batch, and the row count (leading dimensions of the input are flattened)."""
+    batch (x augmented with a 1 for layers with a bias), and the row count (leading dimensions
+    of the input are flattened)."""
     sums: dict[str, list] = {name: [None, 0] for name in layers}
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            if module.bias is not None:  # the bias acts on a constant 1
+                x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
             acc = sums[name]
             acc[0] = x.T @ x if acc[0] is None else acc[0] + x.T @ x
             acc[1] += x.shape[0]

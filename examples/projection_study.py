@@ -1,0 +1,106 @@
+"""Gradient-projection strategies on the default synth-pairs scenario.
+
+    .venv/bin/python examples/projection_study.py sweep     # DNS / GPM / EWC settings, seed 0
+    .venv/bin/python examples/projection_study.py compare   # 3 seeds, the chosen defaults
+
+Each variant is one ``comodal run`` of ``examples/synth_pairs.yaml`` with overrides; the tables
+(mean ± std over seeds of the R@1 summaries and the final R@10) are printed and written to
+``examples/results/projection_<mode>.md``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+from comodal.config import load_config
+from comodal.platform.run import run
+
+ROOT = Path(__file__).resolve().parent
+CONFIG = ROOT / "synth_pairs.yaml"
+
+SWEEP = [
+    ("finetune", "[finetune]", None),
+    ("dns grad, energy 0.99 (paper-style)", "[dns]", "{dns: {mode: grad}}"),
+    ("dns grad, relative 1e-4", "[dns]",
+     "{dns: {mode: grad, input_rule: relative, input_threshold: 1e-4, "
+     "output_rule: relative, output_threshold: 1e-4}}"),
+    ("dns update, energy 0.99", "[dns]", "{dns: {mode: update}}"),
+    ("dns update, energy 0.999", "[dns]",
+     "{dns: {mode: update, input_threshold: 0.999, output_threshold: 0.999}}"),
+    ("dns update, relative 1e-3", "[dns]",
+     "{dns: {mode: update, input_rule: relative, input_threshold: 1e-3, "
+     "output_rule: relative, output_threshold: 1e-3}}"),
+    ("dns update, relative 1e-4", "[dns]",
+     "{dns: {mode: update, input_rule: relative, input_threshold: 1e-4, "
+     "output_rule: relative, output_threshold: 1e-4}}"),
+    ("dns update, relative 1e-5", "[dns]",
+     "{dns: {mode: update, input_rule: relative, input_threshold: 1e-5, "
+     "output_rule: relative, output_threshold: 1e-5}}"),
+    ("dns update, relative 1e-4, snapshot partners", "[dns]",
+     "{dns: {mode: update, input_rule: relative, input_threshold: 1e-4, "
+     "output_rule: relative, output_threshold: 1e-4, partner_embeddings: snapshot}}"),
+    ("dns update, relative 1e-5, keep norms", "[dns]",
+     "{dns: {mode: update, input_rule: relative, input_threshold: 1e-5, "
+     "output_rule: relative, output_threshold: 1e-5, keep_norms: true}}"),
+    ("gpm 0.97 (+0.003/task)", "[gpm]", None),
+    ("gpm 0.999", "[gpm]", "{gpm: {threshold: 0.999, threshold_step: 0.0}}"),
+    ("gpm 0.99999", "[gpm]", "{gpm: {threshold: 0.99999, threshold_step: 0.0}}"),
+    ("ewc 1e2", "[ewc]", "{ewc: {ewc_lambda: 100.0}}"),
+    ("ewc 1e4", "[ewc]", "{ewc: {ewc_lambda: 10000.0}}"),
+    ("ewc 1e6", "[ewc]", "{ewc: {ewc_lambda: 1000000.0}}"),
+]
+
+COMPARE = [
+    ("finetune", "[finetune]", None),
+    ("dns (grad)", "[dns]", "{dns: {mode: grad}}"),
+    ("dns (update)", "[dns]", "{dns: {mode: update}}"),
+    ("gpm", "[gpm]", None),
+    ("ewc", "[ewc]", None),
+    ("joint", "[joint]", None),
+]
+
+
+def one(strategies: str, args: str | None, seed: int) -> dict:
+    overrides = [f"strategies={strategies}", f"seed={seed}", "progress=false"]
+    if args:
+        overrides.append(f"strategy_args={args}")
+    result = run(load_config(CONFIG, overrides))
+    r1, r10 = result.summary["recall@1"], result.summary["recall@10"]
+    return {"Acc": r1["acc"], "BWT": r1["bwt"], "Forgetting": r1["forgetting"],
+            "Plasticity": r1["plasticity"], "R@10 Acc": r10["acc"]}
+
+
+def fmt(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:+.3f}"
+    return f"{mean:+.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(variants: list, seeds: list[int]) -> str:
+    columns = ["Acc", "BWT", "Forgetting", "Plasticity", "R@10 Acc"]
+    lines = ["| strategy | " + " | ".join(f"R@1 {c}" if c != "R@10 Acc" else c
+                                           for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for label, strategies, args in variants:
+        runs = [one(strategies, args, seed) for seed in seeds]
+        cells = [fmt([r[c] for r in runs]) for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "compare"
+    variants, seeds = (SWEEP, [0]) if mode == "sweep" else (COMPARE, [0, 1, 2])
+    text = table(variants, seeds)
+    out = ROOT / "results" / f"projection_{mode}.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(f"seeds: {seeds}\n\n{text}")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
