@@ -22,13 +22,18 @@ CONFIG = ROOT / "synth_pairs.yaml"
 
 SWEEP = [
     ("finetune", "[finetune]", None),
-    ("dns grad, energy 0.99 (paper-style)", "[dns]", "{dns: {mode: grad}}"),
+    ("dns grad, energy 0.99 (paper-style)", "[dns]",
+     "{dns: {mode: grad, input_rule: energy, input_threshold: 0.99, output_rule: energy, "
+     "output_threshold: 0.99}}"),
     ("dns grad, relative 1e-4", "[dns]",
      "{dns: {mode: grad, input_rule: relative, input_threshold: 1e-4, "
      "output_rule: relative, output_threshold: 1e-4}}"),
-    ("dns update, energy 0.99", "[dns]", "{dns: {mode: update}}"),
+    ("dns update, energy 0.99", "[dns]",
+     "{dns: {mode: update, input_rule: energy, input_threshold: 0.99, output_rule: energy, "
+     "output_threshold: 0.99}}"),
     ("dns update, energy 0.999", "[dns]",
-     "{dns: {mode: update, input_threshold: 0.999, output_threshold: 0.999}}"),
+     "{dns: {mode: update, input_rule: energy, input_threshold: 0.999, output_rule: energy, "
+     "output_threshold: 0.999}}"),
     ("dns update, relative 1e-3", "[dns]",
      "{dns: {mode: update, input_rule: relative, input_threshold: 1e-3, "
      "output_rule: relative, output_threshold: 1e-3}}"),
@@ -44,9 +49,14 @@ SWEEP = [
     ("dns update, relative 1e-5, keep norms", "[dns]",
      "{dns: {mode: update, input_rule: relative, input_threshold: 1e-5, "
      "output_rule: relative, output_threshold: 1e-5, keep_norms: true}}"),
-    ("gpm 0.97 (+0.003/task)", "[gpm]", None),
-    ("gpm 0.999", "[gpm]", "{gpm: {threshold: 0.999, threshold_step: 0.0}}"),
-    ("gpm 0.99999", "[gpm]", "{gpm: {threshold: 0.99999, threshold_step: 0.0}}"),
+    ("gpm grad, 0.97 (+0.003/task, Saha et al.)", "[gpm]",
+     "{gpm: {mode: grad, threshold: 0.97, threshold_step: 0.003, max_threshold: 0.999}}"),
+    ("gpm update, 0.97 (+0.003/task)", "[gpm]",
+     "{gpm: {mode: update, threshold: 0.97, threshold_step: 0.003, max_threshold: 0.999}}"),
+    ("gpm update, 0.999", "[gpm]",
+     "{gpm: {mode: update, threshold: 0.999, threshold_step: 0.0}}"),
+    ("gpm update, 0.99999", "[gpm]",
+     "{gpm: {mode: update, threshold: 0.99999, threshold_step: 0.0, max_threshold: 1.0}}"),
     ("ewc 1e2", "[ewc]", "{ewc: {ewc_lambda: 100.0}}"),
     ("ewc 1e4", "[ewc]", "{ewc: {ewc_lambda: 10000.0}}"),
     ("ewc 1e6", "[ewc]", "{ewc: {ewc_lambda: 1000000.0}}"),
@@ -56,6 +66,8 @@ COMPARE = [
     ("finetune", "[finetune]", None),
     ("dns (grad)", "[dns]", "{dns: {mode: grad}}"),
     ("dns (update)", "[dns]", "{dns: {mode: update}}"),
+    ("dns (update, keep norms, relative 1e-5)", "[dns]",
+     "{dns: {keep_norms: true, input_threshold: 1e-5, output_threshold: 1e-5}}"),
     ("gpm", "[gpm]", None),
     ("ewc", "[ewc]", None),
     ("joint", "[joint]", None),

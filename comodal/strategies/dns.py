@@ -20,30 +20,28 @@ from typing import Any
 import torch
 
 from comodal.errors import ConfigError
-from comodal.strategies.base import Strategy
+from comodal.strategies.projecting import MODES, ProjectingStrategy
 from comodal.strategies.projection import (
     FORMS,
     RULES,
     input_moments,
-    layer_matrix,
     linear_layers,
     principal_basis,
     project_dual,
     project_input,
-    set_layer_matrix,
 )
 
-MODES = ("grad", "update")
 PARTNER = ("current", "snapshot")
 
 
 @dataclass
 class DNSConfig:
-    mode: str = "grad"  # grad: project G before the step; update: project the step itself
-    input_rule: str = "energy"  # energy (retained fraction) | relative (to the top eigenvalue)
-    input_threshold: float = 0.99
-    output_rule: str = "energy"
-    output_threshold: float = 0.99
+    # Defaults chosen on synth-pairs (examples/projection_study.py sweep; examples/README.md)
+    mode: str = "update"  # grad: project G before the step (paper); update: project the step
+    input_rule: str = "relative"  # energy (retained fraction) | relative (to the top eigenvalue)
+    input_threshold: float = 1e-4
+    output_rule: str = "relative"
+    output_threshold: float = 1e-4
     form: str = "auto"  # auto picks the cheaper of dense and low-rank from the kept ranks
     modalities: list[str] | None = None  # heads to protect; default every head
     encoder_layers: bool = False  # also project every nn.Linear of trainable encoders (input side)
@@ -66,7 +64,7 @@ class DNSConfig:
                                   f"got {getattr(self, field)}")
 
 
-class DNS(Strategy):
+class DNS(ProjectingStrategy):
     name = "dns"
     Config = DNSConfig
 
@@ -81,8 +79,6 @@ class DNS(Strategy):
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layer_bases: dict[str, torch.Tensor] = {}
         self.ranks: list[dict[str, Any]] = []
-        self.projections = 0
-        self._before: dict[str, torch.Tensor] = {}
 
     def check(self, model: Any) -> None:
         for m in self.config.modalities or []:
@@ -129,7 +125,7 @@ class DNS(Strategy):
                 total = total + w @ moment @ w.T
         return total
 
-    def _active(self, strategy: Any) -> list[tuple[str, torch.nn.Linear, Any]]:
+    def targets(self, strategy: Any) -> list[tuple[str, torch.nn.Linear, Any]]:
         """(name, layer, basis) to project this step: heads of the batch's pair (dual-sided)
         and their encoders' linear layers (input side)."""
         pair = strategy.pair(strategy.mbatch)
@@ -142,34 +138,11 @@ class DNS(Strategy):
                         out.append((name, layer, self.layer_bases[name]))
         return out
 
-    def _project(self, matrix: torch.Tensor, basis: Any) -> torch.Tensor:
-        self.projections += 1
+    def project(self, matrix: torch.Tensor, basis: Any) -> torch.Tensor:
         if isinstance(basis, tuple):
             u, v = basis
             return project_dual(matrix, u, v, self.config.form)
         return project_input(matrix, basis)
-
-    @torch.no_grad()
-    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if self.config.mode != "grad":
-            return
-        for _, layer, basis in self._active(strategy):
-            if layer.weight.grad is not None:
-                grad = layer_matrix(layer, grad=True)
-                set_layer_matrix(layer, self._project(grad, basis), grad=True)
-
-    @torch.no_grad()
-    def before_update(self, strategy: Any, **kwargs: Any) -> None:
-        if self.config.mode == "update":
-            self._before = {name: layer_matrix(layer) for name, layer, _ in self._active(strategy)}
-
-    @torch.no_grad()
-    def after_update(self, strategy: Any, **kwargs: Any) -> None:
-        if self.config.mode != "update":
-            return
-        for name, layer, basis in self._active(strategy):
-            old = self._before[name]
-            set_layer_matrix(layer, old + self._project(layer_matrix(layer) - old, basis))
 
     # ------------------------------------------------------------ memory
     @torch.no_grad()

@@ -22,7 +22,7 @@ EWC_MODES = ("separate", "online")
 
 @dataclass
 class EWCConfig:
-    ewc_lambda: float = 100.0
+    ewc_lambda: float = 1e4  # chosen on synth-pairs (examples/projection_study.py sweep)
     mode: str = "separate"  # separate: one penalty per past task; online: one decayed penalty
     decay_factor: float = 1.0  # online mode: old importance is multiplied by this per task
 
