@@ -127,7 +127,7 @@ def test_dns_keeps_old_scores_under_sgd_while_finetuning_moves_them(tmp_path: Pa
     assert moved > 100 * max(kept, 1e-7)
     assert dns.projections > 0
     assert dns.ranks[-1]["kept"]["a"] == {"input": 3, "input_dim": D, "output": 3,
-                                          "output_dim": D}
+                                          "output_dim": D, "form": "lowrank"}
 
 
 def test_update_mode_keeps_old_scores_under_adamw(tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_projection_changes_the_gradient_when_there_is_something_to_protect(
     grad = trainer.model.heads["a"].weight.grad.clone()
     dns.after_backward(trainer)
     projected = trainer.model.heads["a"].weight.grad
-    u, v = dns.bases["a"]
+    u, v = dns.bases["a"].u, dns.bases["a"].v
     assert not torch.allclose(grad, projected)
     assert (v.T @ grad @ u).norm() > 1e-3
     assert (v.T @ projected @ u).norm() < 1e-5
@@ -242,3 +242,10 @@ def test_strategy_state_is_plain_tensors_and_round_trips(tmp_path: Path) -> None
         fresh.load_state_dict(torch.load(path, weights_only=True))
         for key, value in plugin.state_dict().items():
             assert str(fresh.state_dict()[key]) == str(value), (plugin.name, key)
+
+
+def test_dense_form_keeps_old_scores_too(tmp_path: Path) -> None:
+    dns = DNS(DNSConfig(mode="update", form="dense", **KEEP_ALL))
+    assert _score_drift(tmp_path, dns, "adamw", lr=1e-3) < 1e-4
+    assert dns.ranks[-1]["kept"]["a"]["form"] == "dense"
+    assert dns.bases["a"].dense is not None  # projectors built once per task

@@ -15,7 +15,7 @@ scale-aware and reported, and ``mode: update`` projects the optimizer's actual p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,14 +24,24 @@ from comodal.strategies.projecting import MODES, ProjectingStrategy
 from comodal.strategies.projection import (
     FORMS,
     RULES,
+    choose_form,
     input_moments,
     linear_layers,
     principal_basis,
-    project_dual,
-    project_input,
+    subtract_dual_,
+    subtract_input_,
 )
 
 PARTNER = ("current", "snapshot")
+
+
+class HeadBasis(NamedTuple):
+    """A head's protected subspaces for the current task and the form that projects them."""
+
+    u: torch.Tensor  # input side, [in, k]
+    v: torch.Tensor  # output side, [out, k̃]
+    form: str
+    dense: tuple[torch.Tensor, torch.Tensor] | None  # (V Vᵀ, U Uᵀ) when the form is dense
 
 
 @dataclass
@@ -76,7 +86,7 @@ class DNS(ProjectingStrategy):
         self.count: dict[str, int] = {}
         self.layer_moments: dict[str, torch.Tensor] = {}
         self.layer_count: dict[str, int] = {}
-        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bases: dict[str, HeadBasis] = {}
         self.layer_bases: dict[str, torch.Tensor] = {}
         self.ranks: list[dict[str, Any]] = []
 
@@ -100,10 +110,13 @@ class DNS(ProjectingStrategy):
                                 cfg.input_threshold)
             v = principal_basis(self.output_moment(model, m) / self.count[m], cfg.output_rule,
                                 cfg.output_threshold)
-            self.bases[m] = (u, v)
             weight = model.heads[m].weight
+            form = choose_form(weight.shape[0], weight.shape[1], v.shape[1], u.shape[1],
+                               cfg.form)
+            dense = (v @ v.T, u @ u.T) if form == "dense" else None  # built once per task
+            self.bases[m] = HeadBasis(u, v, form, dense)
             report[m] = {"input": u.shape[1], "input_dim": weight.shape[1],
-                         "output": v.shape[1], "output_dim": weight.shape[0]}
+                         "output": v.shape[1], "output_dim": weight.shape[0], "form": form}
         self.layer_bases = {
             name: principal_basis(s / self.layer_count[name], cfg.input_rule, cfg.input_threshold)
             for name, s in self.layer_moments.items()
@@ -138,11 +151,11 @@ class DNS(ProjectingStrategy):
                         out.append((name, layer, self.layer_bases[name]))
         return out
 
-    def project(self, matrix: torch.Tensor, basis: Any) -> torch.Tensor:
-        if isinstance(basis, tuple):
-            u, v = basis
-            return project_dual(matrix, u, v, self.config.form)
-        return project_input(matrix, basis)
+    def subtract_(self, target: torch.Tensor, source: torch.Tensor, basis: Any) -> None:
+        if isinstance(basis, HeadBasis):
+            subtract_dual_(target, source, basis.u, basis.v, basis.form, basis.dense)
+        else:
+            subtract_input_(target, source, basis)
 
     # ------------------------------------------------------------ memory
     @torch.no_grad()
@@ -155,16 +168,19 @@ class DNS(ProjectingStrategy):
         was_training = model.training
         model.eval()
         batches = [strategy.to_device(batch) for batch in strategy.ordered_loader(index)]
+        snapshot = self.config.partner_embeddings == "snapshot"
         for batch in batches:
             x = {m: model.backbone(batch[m], m) for m in (a, b)}
-            z = {m: model.heads[m](x[m]) for m in (a, b)}
+            xx = {m: x[m].T @ x[m] for m in (a, b)}
+            z = {m: model.heads[m](x[m]) for m in (a, b)} if snapshot else {}
             for m, partner in ((a, b), (b, a)):
-                self._add(self.moment_in, m, x[m].T @ x[m])
-                self._add(self.moment_out, m, z[partner].T @ z[partner])
-                self._add(self.partner_inputs, f"{m}|{partner}", x[partner].T @ x[partner])
+                self._add(self.moment_in, m, xx[m])
+                self._add(self.partner_inputs, f"{m}|{partner}", xx[partner])
                 if self.config.keep_norms:
-                    self._add(self.moment_out, m, z[m].T @ z[m])
-                    self._add(self.partner_inputs, f"{m}|{m}", x[m].T @ x[m])
+                    self._add(self.partner_inputs, f"{m}|{m}", xx[m])
+                if snapshot:  # the paper's C̃: embeddings as they are at the task's end
+                    for owner in (partner, m) if self.config.keep_norms else (partner,):
+                        self._add(self.moment_out, m, z[owner].T @ z[owner])
                 self.count[m] = self.count.get(m, 0) + len(x[m])
         if self.config.encoder_layers:
             layers = {}

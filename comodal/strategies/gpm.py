@@ -16,7 +16,7 @@ import torch
 
 from comodal.errors import ConfigError
 from comodal.strategies.projecting import MODES, ProjectingStrategy
-from comodal.strategies.projection import input_moments, linear_layers, project_input
+from comodal.strategies.projection import input_moments, linear_layers, subtract_input_
 
 
 @dataclass
@@ -89,8 +89,8 @@ class GPM(ProjectingStrategy):
         return [(name, layer, self.bases[name]) for name, layer in self._layers.items()
                 if name in self.bases and layer.weight.grad is not None]
 
-    def project(self, matrix: torch.Tensor, basis: Any) -> torch.Tensor:
-        return project_input(matrix, basis)
+    def subtract_(self, target: torch.Tensor, source: torch.Tensor, basis: Any) -> None:
+        subtract_input_(target, source, basis)
 
     @torch.no_grad()
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:

@@ -14,7 +14,8 @@ MODES = ("grad", "update")
 
 
 class ProjectingStrategy(Strategy):
-    """Subclasses say which layers to protect this step (``targets``) and how (``project``)."""
+    """Subclasses say which layers to protect this step (``targets``) and how
+    (``subtract_``)."""
 
     def __init__(self, config: object | None = None) -> None:
         super().__init__(config)
@@ -24,12 +25,22 @@ class ProjectingStrategy(Strategy):
     def targets(self, strategy: Any) -> list[tuple[str, torch.nn.Linear, Any]]:
         raise NotImplementedError
 
-    def project(self, matrix: torch.Tensor, basis: Any) -> torch.Tensor:
+    def subtract_(self, target: torch.Tensor, source: torch.Tensor, basis: Any) -> None:
+        """``target -= `` the protected part of ``source``, in place."""
         raise NotImplementedError
 
-    def _project(self, matrix: torch.Tensor, basis: Any) -> torch.Tensor:
+    def _apply(self, layer: torch.nn.Linear, basis: Any, grad: bool,
+               old: torch.Tensor | None = None) -> None:
+        """Project the layer's gradient (``grad``) or its change since ``old``. Bias-free layers
+        (every head) are edited in place; a bias joins the weight as ``[W | b]``."""
         self.projections += 1
-        return self.project(matrix, basis)
+        if layer.bias is None:
+            target = layer.weight.grad if grad else layer.weight.data
+            self.subtract_(target, target if grad else target - old, basis)
+            return
+        matrix = layer_matrix(layer, grad=grad)
+        self.subtract_(matrix, matrix if grad else matrix - old, basis)
+        set_layer_matrix(layer, matrix, grad=grad)
 
     @torch.no_grad()
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
@@ -37,18 +48,22 @@ class ProjectingStrategy(Strategy):
             return
         for _, layer, basis in self.targets(strategy):
             if layer.weight.grad is not None:
-                grad = layer_matrix(layer, grad=True)
-                set_layer_matrix(layer, self._project(grad, basis), grad=True)
+                self._apply(layer, basis, grad=True)
 
     @torch.no_grad()
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
-        if self.config.mode == "update":
-            self._before = {name: layer_matrix(layer) for name, layer, _ in self.targets(strategy)}
+        if self.config.mode != "update":
+            return
+        for name, layer, _ in self.targets(strategy):
+            current = layer.weight if layer.bias is None else layer_matrix(layer)
+            if name in self._before and self._before[name].shape == current.shape:
+                self._before[name].copy_(current)
+            else:
+                self._before[name] = current.detach().clone()
 
     @torch.no_grad()
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if self.config.mode != "update":
             return
         for name, layer, basis in self.targets(strategy):
-            old = self._before[name]
-            set_layer_matrix(layer, old + self._project(layer_matrix(layer) - old, basis))
+            self._apply(layer, basis, grad=False, old=self._before[name])

@@ -48,6 +48,29 @@ def dual_flops(out_dim: int, in_dim: int, k_out: int, k_in: int) -> dict[str, in
     return {"dense": dense, "lowrank": lowrank}
 
 
+def choose_form(out_dim: int, in_dim: int, k_out: int, k_in: int, form: str = "auto") -> str:
+    """``dense`` or ``lowrank``: ``auto`` picks the one with fewer multiply-adds."""
+    if form != "auto":
+        return form
+    cost = dual_flops(out_dim, in_dim, k_out, k_in)
+    return "lowrank" if cost["lowrank"] <= cost["dense"] else "dense"
+
+
+def subtract_dual_(
+    target: torch.Tensor, source: torch.Tensor, u_in: torch.Tensor, v_out: torch.Tensor,
+    form: str, dense: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """``target -= P_out source P_in`` in place (``source`` may be ``target``), with no
+    d x d temporary in the low-rank form."""
+    if u_in.shape[1] == 0 or v_out.shape[1] == 0:
+        return
+    if form == "lowrank":
+        target.addmm_(v_out @ ((v_out.T @ source) @ u_in), u_in.T, alpha=-1)
+    else:
+        p_out, p_in = dense if dense is not None else (v_out @ v_out.T, u_in @ u_in.T)
+        target.sub_(p_out @ source @ p_in)
+
+
 def project_dual(
     grad: torch.Tensor, u_in: torch.Tensor, v_out: torch.Tensor, form: str = "auto",
     dense: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -56,22 +79,23 @@ def project_dual(
     moves no score ``yᵀ G x`` with x in span(U) and y in span(V).
 
     ``dense`` may pass precomputed ``(P_out, P_in)``; ``auto`` picks the cheaper form."""
-    if u_in.shape[1] == 0 or v_out.shape[1] == 0:
-        return grad
-    if form == "auto":
-        cost = dual_flops(grad.shape[0], grad.shape[1], v_out.shape[1], u_in.shape[1])
-        form = "lowrank" if cost["lowrank"] <= cost["dense"] else "dense"
-    if form == "lowrank":
-        return grad - v_out @ ((v_out.T @ grad) @ u_in) @ u_in.T
-    p_out, p_in = dense if dense is not None else (v_out @ v_out.T, u_in @ u_in.T)
-    return grad - p_out @ grad @ p_in
+    out = grad.clone()
+    form = choose_form(grad.shape[0], grad.shape[1], v_out.shape[1], u_in.shape[1], form)
+    subtract_dual_(out, grad, u_in, v_out, form, dense)
+    return out
+
+
+def subtract_input_(target: torch.Tensor, source: torch.Tensor, u_in: torch.Tensor) -> None:
+    """``target -= source U Uᵀ`` in place (GPM's projection when ``source`` is ``target``)."""
+    if u_in.shape[1]:
+        target.addmm_(source @ u_in, u_in.T, alpha=-1)
 
 
 def project_input(grad: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
     """``G - G U Uᵀ`` (GPM): no change to the layer's output on inputs in span(U)."""
-    if u_in.shape[1] == 0:
-        return grad
-    return grad - (grad @ u_in) @ u_in.T
+    out = grad.clone()
+    subtract_input_(out, grad, u_in)
+    return out
 
 
 def layer_matrix(layer: nn.Linear, grad: bool = False) -> torch.Tensor:
