@@ -62,25 +62,26 @@ def test_gpm_keeps_its_old_basis_and_adds_what_reaches_the_threshold() -> None:
 
 
 # ------------------------------------------------------------------ trainer-level invariants
-def _pairs(seed: int, n: int, rank: int | None) -> MultimodalDataset:
+def _pairs(seed: int, n: int, rank: int | None, d: int = D) -> MultimodalDataset:
     """Three modalities; with ``rank`` the features lie in a rank-``rank`` subspace (old data
     that leaves room to learn), otherwise they are full-rank."""
     g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(n, rank or D, generator=g)
+    latent = torch.randn(n, rank or d, generator=g)
     columns = {}
     for i, m in enumerate(("a", "b", "c")):
-        mix = torch.randn(rank or D, D, generator=torch.Generator().manual_seed(100 + i))
-        columns[m] = latent @ mix + (0 if rank else 0.1 * torch.randn(n, D, generator=g))
+        mix = torch.randn(rank or d, d, generator=torch.Generator().manual_seed(100 + i))
+        columns[m] = latent @ mix + (0 if rank else 0.1 * torch.randn(n, d, generator=g))
     return MultimodalDataset(f"toy{seed}", f"toy-{seed}-{n}-{rank}", columns)
 
 
-def _config(tmp_path: Path, optimizer: str, lr: float, batch: int, epochs: int) -> RunConfig:
+def _config(tmp_path: Path, optimizer: str, lr: float, batch: int, epochs: int,
+            d: int = D) -> RunConfig:
     config = RunConfig(progress=False, train=TrainConfig(epochs=epochs, batch_size=batch, lr=lr,
                                                          optimizer=optimizer))
     config.data.cache_dir = str(tmp_path)
-    config.model.joint_dim = D
+    config.model.joint_dim = d
     config.model.learnable_temperature = False
-    config.model.modalities = {m: ModalityConfig(encoder="features", dim=D) for m in "abc"}
+    config.model.modalities = {m: ModalityConfig(encoder="features", dim=d) for m in "abc"}
     return config
 
 
@@ -249,3 +250,30 @@ def test_dense_form_keeps_old_scores_too(tmp_path: Path) -> None:
     assert _score_drift(tmp_path, dns, "adamw", lr=1e-3) < 1e-4
     assert dns.ranks[-1]["kept"]["a"]["form"] == "dense"
     assert dns.bases["a"].dense is not None  # projectors built once per task
+
+
+def test_batch_rank_form_equals_the_low_rank_projection(tmp_path: Path) -> None:
+    """Old data of rank 40 in 64 dimensions and steps of 8 rows: the batch form is cheaper."""
+    weights = []
+    for batch_form in (True, False):
+        dns = DNS(DNSConfig(mode="grad", batch_form=batch_form, **KEEP_ALL))
+        trainer = build_trainer(_config(tmp_path, "sgd", 0.01, batch=8, epochs=2, d=64), [dns])
+        trainer.setup(Scenario([
+            Task("old", ("a", "b"), _pairs(0, 256, 40, 64), _pairs(1, 64, 40, 64)),
+            Task("new", ("a", "c"), _pairs(2, 32, None, 64), _pairs(3, 64, None, 64)),
+        ]))
+        for exp in trainer.benchmark.train_stream:
+            trainer.train_experience(exp)
+        assert (dns.factor_projections > 0) == batch_form
+        weights.append(trainer.model.heads["a"].weight.detach().clone())
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)
+
+
+def test_batch_rank_form_is_off_when_another_plugin_edits_the_loss(tmp_path: Path) -> None:
+    dns = DNS(DNSConfig(mode="grad", **KEEP_ALL))
+    trainer = build_trainer(_config(tmp_path, "sgd", 0.01, batch=32, epochs=1), [dns, EWC()])
+    trainer.setup(_scenario(("a", "b"), ("a", "c"), step_batch=32))
+    trainer.train_experience(trainer.benchmark.train_stream[0])
+    trainer.experience_index = 1
+    dns.before_training_exp(trainer)
+    assert dns._factors == {} and dns._handles == []

@@ -20,11 +20,13 @@ from typing import Any, NamedTuple
 import torch
 
 from comodal.errors import ConfigError
+from comodal.platform.trainer import overrides
 from comodal.strategies.projecting import MODES, ProjectingStrategy
 from comodal.strategies.projection import (
     FORMS,
     RULES,
     choose_form,
+    dual_flops,
     input_moments,
     linear_layers,
     principal_basis,
@@ -53,6 +55,8 @@ class DNSConfig:
     output_rule: str = "relative"
     output_threshold: float = 1e-4
     form: str = "auto"  # auto picks the cheaper of dense and low-rank from the kept ranks
+    # grad mode: project a head's gradient G = Δᵀ X through its batch factors when cheaper
+    batch_form: bool = True
     modalities: list[str] | None = None  # heads to protect; default every head
     encoder_layers: bool = False  # also project every nn.Linear of trainable encoders (input side)
     keep_norms: bool = False  # C̃_m also absorbs m's own embeddings, so their norms hold too
@@ -89,6 +93,9 @@ class DNS(ProjectingStrategy):
         self.bases: dict[str, HeadBasis] = {}
         self.layer_bases: dict[str, torch.Tensor] = {}
         self.ranks: list[dict[str, Any]] = []
+        self._handles: list[Any] = []
+        self.factor_projections = 0
+        self._factors: dict[str, list[list]] = {}
 
     def check(self, model: Any) -> None:
         for m in self.config.modalities or []:
@@ -124,6 +131,60 @@ class DNS(ProjectingStrategy):
         for name, u in self.layer_bases.items():
             report[name] = {"input": u.shape[1], "input_dim": u.shape[0]}  # bias row included
         self.ranks.append({"task": strategy.experience_index, "kept": report})
+        self._record_factors(strategy)
+
+    def _record_factors(self, strategy: Any) -> None:
+        """Hook the protected heads to keep each step's inputs X and output gradients Δ. Only
+        while nothing else adds to the loss before backward (a penalty on the weights would
+        make the gradient more than Δᵀ X)."""
+        self._release()
+        others = [p for p in strategy.plugins if p is not self]
+        if (self.config.mode != "grad" or not self.config.batch_form
+                or any(overrides(p, "before_backward") for p in others)):
+            return
+        for m in self.bases:
+            self._factors[m] = []
+            hook = strategy.model.heads[m].register_forward_hook(self._recorder(m))
+            self._handles.append(hook)
+
+    def _recorder(self, m: str) -> Any:
+        def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                entry = [inputs[0].detach(), None]
+                self._factors[m].append(entry)
+                output.register_hook(lambda grad: entry.__setitem__(1, grad.detach()))
+
+        return record
+
+    def _release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._factors = [], {}
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        for entries in self._factors.values():
+            entries.clear()
+
+    def project_from_factors(self, name: str, layer: torch.nn.Linear, basis: Any) -> bool:
+        """G - P̃ G P = G - (Δ V Vᵀ)ᵀ (X U Uᵀ) for G = Δᵀ X: 4nkd + nd² multiply-adds for n
+        batch rows instead of about 2kd² + 2dk², used when the batch is the cheaper."""
+        entries = self._factors.get(name)
+        if not entries or any(delta is None for _, delta in entries):
+            return False
+        x = torch.cat([e[0] for e in entries])
+        delta = torch.cat([e[1] for e in entries])
+        (out_dim, in_dim), n = layer.weight.shape, len(x)
+        k_in, k_out = basis.u.shape[1], basis.v.shape[1]
+        cost = 2 * n * out_dim * k_out + 2 * n * in_dim * k_in + n * out_dim * in_dim
+        if cost >= dual_flops(out_dim, in_dim, k_out, k_in)[basis.form]:
+            return False
+        self.projections += 1
+        self.factor_projections += 1
+        if k_in and k_out:
+            left = (delta @ basis.v) @ basis.v.T
+            right = (x @ basis.u) @ basis.u.T
+            layer.weight.grad.addmm_(left.T, right, alpha=-1)
+        return True
 
     @torch.no_grad()
     def output_moment(self, model: Any, m: str) -> torch.Tensor:
@@ -162,6 +223,7 @@ class DNS(ProjectingStrategy):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         """Absorb this task's moments, from the task's own pair (A, B): C_A, C_B from the
         inputs; C̃_B from A's embeddings and C̃_A from B's, as the heads are now."""
+        self._release()
         index = strategy.experience_index
         a, b = strategy.scenario.tasks[index].modalities
         model = strategy.model

@@ -46,9 +46,13 @@ class ProjectingStrategy(Strategy):
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.config.mode != "grad":
             return
-        for _, layer, basis in self.targets(strategy):
-            if layer.weight.grad is not None:
+        for name, layer, basis in self.targets(strategy):
+            if layer.weight.grad is not None and not self.project_from_factors(name, layer, basis):
                 self._apply(layer, basis, grad=True)
+
+    def project_from_factors(self, name: str, layer: torch.nn.Linear, basis: Any) -> bool:
+        """A cheaper way to project this layer's gradient, if the subclass has one."""
+        return False
 
     @torch.no_grad()
     def before_update(self, strategy: Any, **kwargs: Any) -> None:
