@@ -237,7 +237,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return config
 
 
-def _check_choice(where: str, value: str, choices: typing.Iterable[str]) -> None:
+def check_choice(where: str, value: str, choices: typing.Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
         raise ConfigError(f"{where}: unknown value {value!r} (valid: {', '.join(choices)})")
@@ -309,13 +309,13 @@ def validate(config: RunConfig) -> None:
     from comodal.strategies.registry import validate_strategies
 
     for name, mod in config.model.modalities.items():
-        _check_choice("model.modalities", name, ENCODERS)
-        _check_choice(f"model.modalities.{name}.encoder", mod.encoder, ENCODERS[name])
+        check_choice("model.modalities", name, ENCODERS)
+        check_choice(f"model.modalities.{name}.encoder", mod.encoder, ENCODERS[name])
         _check_trainability(name, mod)
         for key in ("sample_rate", "n_mels", "dim", "max_length"):
             _at_least(f"model.modalities.{name}.{key}", getattr(mod, key), 1)
-    _check_choice("train.optimizer", config.train.optimizer, OPTIMIZERS)
-    _check_choice("train.loss.name", config.train.loss.name, LOSSES)
+    check_choice("train.optimizer", config.train.optimizer, OPTIMIZERS)
+    check_choice("train.loss.name", config.train.loss.name, LOSSES)
     _check_numbers(config)
     _check_device(config.device)
     if not config.scenario.tasks:
@@ -326,7 +326,7 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"scenario.tasks: task name {name!r} is used twice")
     for i, task in enumerate(config.scenario.tasks):
         where = f"scenario.tasks[{i}]"
-        _check_choice(f"{where}.dataset", task.dataset, dataset_names())
+        check_choice(f"{where}.dataset", task.dataset, dataset_names())
         available = dataset_spec(task.dataset).modalities
         if len(task.modalities) != 2 or task.modalities[0] == task.modalities[1]:
             raise ConfigError(

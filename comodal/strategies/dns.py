@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from comodal.config import check_choice
 from comodal.errors import ConfigError
 from comodal.platform.trainer import overrides
 from comodal.strategies.projecting import MODES, ProjectingStrategy
@@ -65,13 +66,9 @@ class DNSConfig:
     partner_embeddings: str = "current"
 
     def __post_init__(self) -> None:
-        for field, value, valid in (("mode", self.mode, MODES), ("form", self.form, FORMS),
-                                    ("partner_embeddings", self.partner_embeddings, PARTNER),
-                                    ("input_rule", self.input_rule, RULES),
-                                    ("output_rule", self.output_rule, RULES)):
-            if value not in valid:
-                raise ConfigError(f"strategy_args.dns.{field}: unknown value {value!r} "
-                                  f"(valid: {', '.join(valid)})")
+        for field, valid in (("mode", MODES), ("form", FORMS), ("partner_embeddings", PARTNER),
+                             ("input_rule", RULES), ("output_rule", RULES)):
+            check_choice(f"strategy_args.dns.{field}", getattr(self, field), valid)
         for field in ("input_threshold", "output_threshold"):
             if not 0 < getattr(self, field) <= 1:
                 raise ConfigError(f"strategy_args.dns.{field}: must be in (0, 1], "

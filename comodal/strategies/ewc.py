@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from comodal.config import check_choice
 from comodal.errors import ConfigError
 from comodal.strategies.base import Strategy
 
@@ -27,9 +28,7 @@ class EWCConfig:
     decay_factor: float = 1.0  # online mode: old importance is multiplied by this per task
 
     def __post_init__(self) -> None:
-        if self.mode not in EWC_MODES:
-            raise ConfigError(f"strategy_args.ewc.mode: unknown value {self.mode!r} "
-                              f"(valid: {', '.join(EWC_MODES)})")
+        check_choice("strategy_args.ewc.mode", self.mode, EWC_MODES)
         if self.ewc_lambda < 0:
             raise ConfigError(f"strategy_args.ewc.ewc_lambda: must be >= 0, got {self.ewc_lambda}")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from comodal.config import check_choice
 from comodal.errors import ConfigError
 from comodal.strategies.projecting import MODES, ProjectingStrategy
 from comodal.strategies.projection import input_moments, linear_layers, subtract_input_
@@ -30,9 +31,7 @@ class GPMConfig:
     mode: str = "update"  # grad: project G (Saha et al. use SGD); update: project the step
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"strategy_args.gpm.mode: unknown value {self.mode!r} "
-                              f"(valid: {', '.join(MODES)})")
+        check_choice("strategy_args.gpm.mode", self.mode, MODES)
         for field in ("threshold", "max_threshold"):
             if not 0 < getattr(self, field) <= 1:
                 raise ConfigError(f"strategy_args.gpm.{field}: must be in (0, 1], "
