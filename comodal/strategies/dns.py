@@ -9,7 +9,10 @@ in range(P̃), yᵀ ΔW x = 0: old cross-modal scores do not move to first order
 
 Unlike the reference code, the moments come from the task's own pair, the thresholds are
 scale-aware and reported, and ``mode: update`` projects the optimizer's actual parameter change
-(AdamW's element-wise scaling would otherwise leave the protected subspace).
+(AdamW's element-wise scaling would otherwise leave the protected subspace). By default C̃ is
+rebuilt before each task from the partners' stored input moments through the partners' heads
+as they are now: a partner head moved by a later task would otherwise leave the stored
+embeddings stale (``partner_embeddings: snapshot`` keeps the paper's form).
 """
 
 from __future__ import annotations
