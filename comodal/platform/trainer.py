@@ -199,7 +199,7 @@ class Trainer:
                    leave=False)
         for epoch in range(self.train_epochs):
             self._call("before_training_epoch")
-            running, steps = torch.zeros(()), 0
+            running, steps = torch.zeros((), device=self.device), 0
             for batch in self.dataloader:
                 self.mbatch = self.to_device(batch)
                 self.training_step()
