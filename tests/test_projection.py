@@ -277,3 +277,39 @@ def test_batch_rank_form_is_off_when_another_plugin_edits_the_loss(tmp_path: Pat
     trainer.experience_index = 1
     dns.before_training_exp(trainer)
     assert dns._factors == {} and dns._handles == []
+
+
+class PenaltyOnHead(Finetune):
+    """Adds a loss term on a head's weights after the forward pass."""
+
+    def after_forward(self, strategy, **kwargs) -> None:  # noqa: ANN001
+        strategy.loss = strategy.loss + 10.0 * strategy.model.heads["a"].weight.square().sum()
+
+
+def test_batch_rank_form_falls_back_when_the_gradient_is_not_its_factors(tmp_path: Path) -> None:
+    dns = DNS(DNSConfig(mode="grad", **KEEP_ALL))
+    trainer = build_trainer(_config(tmp_path, "sgd", 0.01, batch=8, epochs=1, d=64),
+                            [PenaltyOnHead(), dns])
+    trainer.setup(Scenario([
+        Task("old", ("a", "b"), _pairs(0, 256, 40, 64), _pairs(1, 64, 40, 64)),
+        Task("new", ("a", "c"), _pairs(2, 8, None, 64), _pairs(3, 64, None, 64)),
+    ]))
+    first, second = trainer.benchmark.train_stream
+    trainer.train_experience(first)
+    before = _old_scores(trainer, ("a", "b"))
+    trainer.train_experience(second)
+    after = _old_scores(trainer, ("a", "b"))
+    assert dns.factor_projections == 0 and dns.projections > 0
+    assert ((after - before).norm() / before.norm()).item() < 1e-4
+
+
+def test_gpm_basis_stays_orthonormal_at_full_threshold() -> None:
+    g = torch.Generator().manual_seed(8)
+    basis = None
+    for rank in (3, 4):
+        x = torch.randn(50, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, 8, generator=g, dtype=torch.float64)
+        basis = grow_basis(basis, x.T @ x / 50, 1.0)
+    assert basis.shape[1] <= 7
+    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64),
+                          atol=1e-8)

@@ -17,6 +17,7 @@ embeddings stale (``partner_embeddings: snapshot`` keeps the paper's form).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -130,7 +131,9 @@ class DNS(ProjectingStrategy):
         }
         for name, u in self.layer_bases.items():
             report[name] = {"input": u.shape[1], "input_dim": u.shape[0]}  # bias row included
-        self.ranks.append({"task": strategy.experience_index, "kept": report})
+        index = strategy.experience_index  # a resumed task replaces its earlier entry
+        self.ranks = [r for r in self.ranks if r["task"] != index]
+        self.ranks.append({"task": index, "kept": report})
         self._record_factors(strategy)
 
     def _record_factors(self, strategy: Any) -> None:
@@ -173,6 +176,10 @@ class DNS(ProjectingStrategy):
             return False
         x = torch.cat([e[0] for e in entries])
         delta = torch.cat([e[1] for e in entries])
+        grad = layer.weight.grad
+        probe = torch.randn(grad.shape[1], 1, dtype=grad.dtype, device=grad.device)
+        if not torch.allclose(grad @ probe, delta.T @ (x @ probe), rtol=1e-4, atol=1e-6):
+            return False  # something else also edited the gradient: it is not Δᵀ X
         (out_dim, in_dim), n = layer.weight.shape, len(x)
         k_in, k_out = basis.u.shape[1], basis.v.shape[1]
         cost = 2 * n * out_dim * k_out + 2 * n * in_dim * k_in + n * out_dim * in_dim
@@ -183,7 +190,7 @@ class DNS(ProjectingStrategy):
         if k_in and k_out:
             left = (delta @ basis.v) @ basis.v.T
             right = (x @ basis.u) @ basis.u.T
-            layer.weight.grad.addmm_(left.T, right, alpha=-1)
+            grad.addmm_(left.T, right, alpha=-1)
         return True
 
     @torch.no_grad()
@@ -262,10 +269,11 @@ class DNS(ProjectingStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (tensors and plain containers only)."""
-        return {"moment_in": self.moment_in, "moment_out": self.moment_out,
-                "partner_inputs": self.partner_inputs,
-                "count": self.count, "layer_moments": self.layer_moments,
-                "layer_count": self.layer_count, "ranks": self.ranks}
+        state = {"moment_in": self.moment_in, "moment_out": self.moment_out,
+                 "partner_inputs": self.partner_inputs, "count": self.count,
+                 "layer_moments": self.layer_moments, "layer_count": self.layer_count,
+                 "ranks": self.ranks}
+        return {key: copy.copy(value) for key, value in state.items()}  # not the live dicts
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():

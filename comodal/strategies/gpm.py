@@ -51,10 +51,12 @@ def grow_basis(basis: torch.Tensor | None, moment: torch.Tensor, threshold: floa
     rest = rest - (rest @ basis) @ basis.T
     eigenvalues, eigenvectors = torch.linalg.eigh(rest.double())
     order = eigenvalues.argsort(descending=True)
-    gained = explained + eigenvalues[order].clamp(min=0).cumsum(0)
-    k = int(((gained / total) < threshold).sum()) + 1
-    k = min(k, moment.shape[0] - basis.shape[1])
-    added = eigenvectors[:, order[:k]].to(moment.dtype)
+    lam = eigenvalues[order].clamp(min=0)
+    k = int(((explained + lam.cumsum(0)) / total < threshold).sum()) + 1
+    k = min(k, int((lam > 1e-9 * total).sum()))  # never add directions the data lacks
+    added = eigenvectors[:, order[:k]].to(basis.dtype)
+    added = added - basis @ (basis.T @ added)  # re-orthogonalise against the old basis
+    added = torch.linalg.qr(added)[0] if k else added
     return torch.cat([basis, added], dim=1)
 
 
