@@ -57,8 +57,9 @@ SWEEP = [
      "{gpm: {mode: update, threshold: 0.999, threshold_step: 0.0}}"),
     ("gpm update, 0.99999", "[gpm]",
      "{gpm: {mode: update, threshold: 0.99999, threshold_step: 0.0, max_threshold: 1.0}}"),
-    ("ewc 1e2", "[ewc]", "{ewc: {ewc_lambda: 100.0}}"),
+    ("ewc 1e3", "[ewc]", "{ewc: {ewc_lambda: 1000.0}}"),
     ("ewc 1e4", "[ewc]", "{ewc: {ewc_lambda: 10000.0}}"),
+    ("ewc 1e5", "[ewc]", "{ewc: {ewc_lambda: 100000.0}}"),
     ("ewc 1e6", "[ewc]", "{ewc: {ewc_lambda: 1000000.0}}"),
 ]
 

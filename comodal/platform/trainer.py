@@ -131,10 +131,11 @@ class Trainer:
         ]
         return loaders[0] if len(loaders) == 1 else InterleavedLoader(loaders, self.generator)
 
-    def ordered_loader(self, task_id: int) -> BatchLoader:
-        """A task's training batches in order, for statistics a strategy takes after a task."""
+    def ordered_loader(self, task_id: int, batch_size: int | None = None) -> BatchLoader:
+        """A task's training batches in order (by default of the evaluation batch size), for
+        statistics a strategy takes after a task."""
         return BatchLoader(self.scenario.tasks[task_id].train, self._collate,
-                           self.eval_cfg.batch_size, task_id, shuffle=False)
+                           batch_size or self.eval_cfg.batch_size, task_id, shuffle=False)
 
     def to_device(self, batch: Any) -> Any:
         if self.device.type == "cpu":  # data is built on the CPU: nothing to move

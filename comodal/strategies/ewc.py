@@ -23,7 +23,7 @@ EWC_MODES = ("separate", "online")
 
 @dataclass
 class EWCConfig:
-    ewc_lambda: float = 1e4  # chosen on synth-pairs (examples/projection_study.py sweep)
+    ewc_lambda: float = 1e5  # chosen on synth-pairs (examples/projection_study.py sweep)
     mode: str = "separate"  # separate: one penalty per past task; online: one decayed penalty
     decay_factor: float = 1.0  # online mode: old importance is multiplied by this per task
 
@@ -59,18 +59,20 @@ class EWC(Strategy):
         model = strategy.model
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-        batches = 0
-        for batch in strategy.ordered_loader(index):
+        rows = 0
+        # batches of the training size, so the loss (and its negatives) is the one trained
+        for batch in strategy.ordered_loader(index, strategy.train_mb_size):
             batch = strategy.to_device(batch)
+            n = len(batch["index"])
             model.zero_grad(set_to_none=True)
             za, zb = (model.encode(batch, m) for m in pair)
             strategy.criterion(za, zb, model.scale).backward()
             for name, p in params.items():
                 if p.grad is not None:
-                    fisher[name] += p.grad.detach() ** 2
-            batches += 1
+                    fisher[name] += n * p.grad.detach() ** 2  # a short last batch counts less
+            rows += n
         model.zero_grad(set_to_none=True)
-        anchor = {n: (p.detach().clone(), fisher[n] / max(batches, 1))
+        anchor = {n: (p.detach().clone(), fisher[n] / max(rows, 1))
                   for n, p in params.items() if fisher[n].any()}
         if self.config.mode == "online" and self.anchors:
             (old,) = self.anchors
