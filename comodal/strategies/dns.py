@@ -97,6 +97,7 @@ class DNS(ProjectingStrategy):
         self._handles: list[Any] = []
         self.factor_projections = 0
         self._factors: dict[str, list[list]] = {}
+        self._probes: dict[str, torch.Tensor] = {}
 
     def check(self, model: Any) -> None:
         for m in self.config.modalities or []:
@@ -145,8 +146,12 @@ class DNS(ProjectingStrategy):
         if (self.config.mode != "grad" or not self.config.batch_form
                 or any(overrides(p, "before_backward") for p in others)):
             return
+        generator = torch.Generator().manual_seed(len(self.ranks))
         for m in self.bases:
             self._factors[m] = []
+            weight = strategy.model.heads[m].weight
+            # a fixed random vector per head and task, to check the factors against G
+            self._probes[m] = torch.randn(weight.shape[1], 1, generator=generator).to(weight)
             hook = strategy.model.heads[m].register_forward_hook(self._recorder(m))
             self._handles.append(hook)
 
@@ -162,7 +167,7 @@ class DNS(ProjectingStrategy):
     def _release(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._factors = [], {}
+        self._handles, self._factors, self._probes = [], {}, {}
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         for entries in self._factors.values():
@@ -177,7 +182,7 @@ class DNS(ProjectingStrategy):
         x = torch.cat([e[0] for e in entries])
         delta = torch.cat([e[1] for e in entries])
         grad = layer.weight.grad
-        probe = torch.randn(grad.shape[1], 1, dtype=grad.dtype, device=grad.device)
+        probe = self._probes[name]
         if not torch.allclose(grad @ probe, delta.T @ (x @ probe), rtol=1e-4, atol=1e-6):
             return False  # something else also edited the gradient: it is not Δᵀ X
         (out_dim, in_dim), n = layer.weight.shape, len(x)
