@@ -12,8 +12,6 @@ import torch
 from comodal.config import load_config
 from comodal.errors import ConfigError, DataError
 
-DEFAULT_METRIC = "recall@1"
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comodal", description=__doc__)

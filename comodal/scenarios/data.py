@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,10 +53,6 @@ class MultimodalDataset(Dataset):
             sample["label"] = int(self.labels[index])
         sample.update({key: col[index] for key, col in self.meta.items()})
         return sample
-
-    def with_column(self, modality: str, values: Sequence[Any] | torch.Tensor) -> MultimodalDataset:
-        """A copy whose ``modality`` column is replaced (for example by cached features)."""
-        return replace(self, columns={**self.columns, modality: values})
 
     def subset(self, indices: Sequence[int], name: str | None = None) -> MultimodalDataset:
         """Rows ``indices`` in order; the fingerprint records the selection."""

@@ -91,13 +91,6 @@ def subtract_input_(target: torch.Tensor, source: torch.Tensor, u_in: torch.Tens
         target.addmm_(source @ u_in, u_in.T, alpha=-1)
 
 
-def project_input(grad: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
-    """``G - G U Uᵀ`` (GPM): no change to the layer's output on inputs in span(U)."""
-    out = grad.clone()
-    subtract_input_(out, grad, u_in)
-    return out
-
-
 def layer_matrix(layer: nn.Linear, grad: bool = False) -> torch.Tensor:
     """``[W | b]``: the layer as one matrix acting on ``[x, 1]`` (its weight alone if no bias),
     so that protecting the span of old augmented inputs also covers the bias."""
