@@ -252,19 +252,24 @@ def test_dense_form_keeps_old_scores_too(tmp_path: Path) -> None:
     assert dns.bases["a"].dense is not None  # projectors built once per task
 
 
-def test_batch_rank_form_equals_the_low_rank_projection(tmp_path: Path) -> None:
-    """Old data of rank 40 in 64 dimensions and steps of 8 rows: the batch form is cheaper."""
+@pytest.mark.parametrize("rank,batch", [(40, 8), (4, 16)])
+def test_batch_rank_form_equals_the_low_rank_projection(tmp_path: Path, rank: int,
+                                                        batch: int) -> None:
+    """Old data of rank 40 (4) in 64 dimensions and steps of 8 (16) rows: the batch form is
+    cheaper, through the batch rows (through the rank-4 core)."""
     weights = []
     for batch_form in (True, False):
         dns = DNS(DNSConfig(mode="grad", batch_form=batch_form, **KEEP_ALL))
-        trainer = build_trainer(_config(tmp_path, "sgd", 0.01, batch=8, epochs=2, d=64), [dns])
+        trainer = build_trainer(_config(tmp_path, "sgd", 0.01, batch=batch, epochs=2, d=64),
+                                [dns])
         trainer.setup(Scenario([
-            Task("old", ("a", "b"), _pairs(0, 256, 40, 64), _pairs(1, 64, 40, 64)),
+            Task("old", ("a", "b"), _pairs(0, 256, rank, 64), _pairs(1, 64, rank, 64)),
             Task("new", ("a", "c"), _pairs(2, 32, None, 64), _pairs(3, 64, None, 64)),
         ]))
         for exp in trainer.benchmark.train_stream:
             trainer.train_experience(exp)
         assert (dns.factor_projections > 0) == batch_form
+        assert dns.ranks[-1]["kept"]["a"]["input"] == rank
         weights.append(trainer.model.heads["a"].weight.detach().clone())
     assert torch.allclose(weights[0], weights[1], atol=1e-5)
 

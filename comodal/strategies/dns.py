@@ -174,8 +174,9 @@ class DNS(ProjectingStrategy):
             entries.clear()
 
     def project_from_factors(self, name: str, layer: torch.nn.Linear, basis: Any) -> bool:
-        """G - P̃ G P = G - (Δ V Vᵀ)ᵀ (X U Uᵀ) for G = Δᵀ X: 4nkd + nd² multiply-adds for n
-        batch rows instead of about 2kd² + 2dk², used when the batch is the cheaper."""
+        """G - P̃ G P for G = Δᵀ X through the batch factors, when cheaper than the weight forms:
+        M = (Δ V)ᵀ (X U) is k̃ x k, so the correction V M Uᵀ has rank r = min(k̃, k, n) and costs
+        r·d_out·d_in, plus thin products (about n·d·(k + k̃)), instead of about 2k·d²."""
         entries = self._factors.get(name)
         if not entries or any(delta is None for _, delta in entries):
             return False
@@ -187,15 +188,26 @@ class DNS(ProjectingStrategy):
             return False  # something else also edited the gradient: it is not Δᵀ X
         (out_dim, in_dim), n = layer.weight.shape, len(x)
         k_in, k_out = basis.u.shape[1], basis.v.shape[1]
-        cost = 2 * n * out_dim * k_out + 2 * n * in_dim * k_in + n * out_dim * in_dim
+        thin = n * out_dim * k_out + n * in_dim * k_in
+        if min(k_in, k_out) < n:  # through the small core M
+            cost = thin + n * k_out * k_in + min(k_in * out_dim * k_out, k_out * in_dim * k_in) \
+                + min(k_in, k_out) * out_dim * in_dim
+        else:  # through the n batch rows
+            cost = 2 * thin + n * out_dim * in_dim
         if cost >= dual_flops(out_dim, in_dim, k_out, k_in)[basis.form]:
             return False
         self.projections += 1
         self.factor_projections += 1
         if k_in and k_out:
-            left = (delta @ basis.v) @ basis.v.T
-            right = (x @ basis.u) @ basis.u.T
-            grad.addmm_(left.T, right, alpha=-1)
+            dv, xu = delta @ basis.v, x @ basis.u
+            if min(k_in, k_out) < n:
+                core = dv.T @ xu
+                if k_in <= k_out:
+                    grad.addmm_(basis.v @ core, basis.u.T, alpha=-1)
+                else:
+                    grad.addmm_(basis.v, core @ basis.u.T, alpha=-1)
+            else:
+                grad.addmm_((dv @ basis.v.T).T, xu @ basis.u.T, alpha=-1)
         return True
 
     @torch.no_grad()
