@@ -55,8 +55,20 @@ class TaskConfig:
 
 
 @dataclass
+class ClassIncrementalConfig:
+    """Classes of one labelled dataset arriving task by task: the first modality is classified,
+    an optional second one (the transcript) pairs with it for audio-text losses."""
+
+    dataset: str
+    modalities: list[str]
+    increments: list[int]  # classes per task; one number repeats until the classes run out
+    order: list[int] | None = None  # class ids in arrival order; default ascending
+
+
+@dataclass
 class ScenarioConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
+    class_incremental: ClassIncrementalConfig | None = None
 
 
 @dataclass
@@ -305,7 +317,6 @@ def _check_device(device: str) -> None:
 def validate(config: RunConfig) -> None:
     """Semantic checks across fields: names against registries, pairs against datasets."""
     from comodal.platform.modalities import ENCODERS
-    from comodal.scenarios.registry import dataset_names, dataset_spec
     from comodal.strategies.registry import validate_strategies
 
     for name, mod in config.model.modalities.items():
@@ -318,33 +329,58 @@ def validate(config: RunConfig) -> None:
     check_choice("train.loss.name", config.train.loss.name, LOSSES)
     _check_numbers(config)
     _check_device(config.device)
-    if not config.scenario.tasks:
-        raise ConfigError("scenario.tasks: a scenario needs at least one task")
-    names = [t.name for t in config.scenario.tasks if t.name is not None]
+    scenario = config.scenario
+    if (not scenario.tasks) == (scenario.class_incremental is None):
+        raise ConfigError("scenario: give either tasks (modality pairs) or class_incremental, "
+                          "exactly one of them")
+    if scenario.class_incremental is not None:
+        _check_class_incremental(config, scenario.class_incremental)
+    names = [t.name for t in scenario.tasks if t.name is not None]
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"scenario.tasks: task name {name!r} is used twice")
-    for i, task in enumerate(config.scenario.tasks):
-        where = f"scenario.tasks[{i}]"
-        check_choice(f"{where}.dataset", task.dataset, dataset_names())
-        available = dataset_spec(task.dataset).modalities
+    for i, task in enumerate(scenario.tasks):
         if len(task.modalities) != 2 or task.modalities[0] == task.modalities[1]:
             raise ConfigError(
-                f"{where}.modalities: a pair task names two different modalities, "
+                f"scenario.tasks[{i}].modalities: a pair task names two different modalities, "
                 f"got {task.modalities!r}"
             )
-        for m in task.modalities:
-            if m not in available:
-                raise ConfigError(
-                    f"{where}.modalities: dataset {task.dataset!r} has no modality {m!r} "
-                    f"(it has: {', '.join(available)})"
-                )
-            if m not in config.model.modalities:
-                raise ConfigError(
-                    f"{where}.modalities: modality {m!r} is not configured under "
-                    f"model.modalities (configured: {', '.join(config.model.modalities)})"
-                )
-    validate_strategies(config.strategies, config.strategy_args)
+        _check_modalities(config, f"scenario.tasks[{i}]", task.dataset, task.modalities)
+    validate_strategies(config.strategies, config.strategy_args, scenario_kind(config))
+
+
+def scenario_kind(config: RunConfig) -> str:
+    """``pair`` or ``classify``: what every task of the configured scenario is."""
+    return "pair" if config.scenario.class_incremental is None else "classify"
+
+
+def _check_modalities(config: RunConfig, where: str, dataset: str, modalities: list[str]) -> None:
+    from comodal.scenarios.registry import dataset_names, dataset_spec
+
+    check_choice(f"{where}.dataset", dataset, dataset_names())
+    available = dataset_spec(dataset).modalities
+    for m in modalities:
+        if m not in available:
+            raise ConfigError(f"{where}.modalities: dataset {dataset!r} has no modality {m!r} "
+                              f"(it has: {', '.join(available)})")
+        if m not in config.model.modalities:
+            raise ConfigError(
+                f"{where}.modalities: modality {m!r} is not configured under model.modalities "
+                f"(configured: {', '.join(config.model.modalities)})"
+            )
+
+
+def _check_class_incremental(config: RunConfig, ci: ClassIncrementalConfig) -> None:
+    where = "scenario.class_incremental"
+    if len(ci.modalities) not in (1, 2) or len(set(ci.modalities)) != len(ci.modalities):
+        raise ConfigError(f"{where}.modalities: name the classified modality and optionally "
+                          f"its transcript modality, got {ci.modalities!r}")
+    _check_modalities(config, where, ci.dataset, ci.modalities)
+    if not ci.increments or min(ci.increments) < 1:
+        raise ConfigError(f"{where}.increments: classes per task must be positive integers, "
+                          f"got {ci.increments!r}")
+    if ci.order is not None and len(set(ci.order)) != len(ci.order):
+        raise ConfigError(f"{where}.order: a class appears twice in {ci.order!r}")
 
 
 def to_dict(config: RunConfig) -> dict:

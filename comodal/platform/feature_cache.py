@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from comodal.errors import DataError
 from comodal.platform.modalities import Modality
 from comodal.platform.results import atomic_torch_save, atomic_write_text
-from comodal.scenarios.data import MultimodalDataset
+from comodal.scenarios.data import MultimodalDataset, concat
 
 
 class FeatureCache:
@@ -73,6 +73,13 @@ def prepare_dataset(
     values for trainable encoders."""
     if len(dataset) == 0:
         raise DataError(f"dataset {dataset.name!r} ({split}) is empty")
+    if dataset.origin is not None:  # rows of other datasets: prepare those (cached), then take
+        parts = []
+        for parent, rows in dataset.origin:
+            prepared = prepare_dataset(parent, split, modalities, cache)
+            parts.append(prepared if rows is None else prepared.subset(rows))
+        joined = parts[0] if len(parts) == 1 else concat(parts, dataset.name)
+        return replace(dataset, columns=joined.columns, origin=None)
     columns: dict[str, Any] = {}
     for name, modality in modalities.items():
         values = dataset.columns[name]

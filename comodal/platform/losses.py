@@ -53,3 +53,35 @@ class SupCon(nn.Module):
             return z.sum() * 0.0
         summed = log_prob.masked_fill(~positives, 0.0).sum(1)
         return -(summed[has_pos] / count[has_pos]).mean()
+
+
+class NSPT(nn.Module):
+    """COCONUT's supervised contrastive loss on rehearsal anchors (Cappellazzo et al. 2024):
+    negatives from the student, positives from the teacher ("NSPT"); ``negatives="teacher"``
+    gives the NTPT ablation.
+
+    For anchors i in R (the rehearsal rows), P(i) = {p : y_p = y_i} (i itself included) and
+    N(i) = {n : y_n != y_i}, with s the student's and t the teacher's normalised features:
+      L = mean_{i in R}  -1/|P(i)| sum_{p in P(i)} log  e^{s_i·t_p/τ} /
+                                  (e^{s_i·t_p/τ} + sum_{n in N(i)} e^{s_i·u_n/τ}),
+    u = s (NSPT) or t (NTPT). Each teacher positive competes only with the negatives, so the
+    anchor is pulled to where its class was, and pushed from the other classes' current
+    features.
+    """
+
+    def __init__(self, temperature: float = 0.1, negatives: str = "student") -> None:
+        super().__init__()
+        self.temperature, self.negatives = temperature, negatives
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                anchors: torch.Tensor) -> torch.Tensor:
+        s, t = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
+        u = s if self.negatives == "student" else t
+        if not bool(anchors.any()):
+            return student.sum() * 0.0
+        positive = s[anchors] @ t.T / self.temperature  # [A, B]
+        negative = s[anchors] @ u.T / self.temperature
+        same = labels[anchors][:, None] == labels[None, :]
+        negatives = negative.masked_fill(same, float("-inf")).logsumexp(dim=1, keepdim=True)
+        log_prob = positive - torch.logaddexp(positive, negatives)
+        return -((log_prob * same).sum(1) / same.sum(1)).mean()

@@ -1,5 +1,5 @@
-"""Every metric comodal reports: retrieval recall, zero-shot accuracy, and the continual
-summaries, all derived from one matrix ``R[after_task, eval_task]``.
+"""Every metric comodal reports: retrieval recall, zero-shot and class-incremental accuracy,
+and the continual summaries, all derived from one matrix ``R[after_task, eval_task]``.
 
 ``R`` has rows 0..T (row 0 = before any training, row i = after task i) and columns 1..T
 (stored 0-based). Tasks where a metric does not apply hold NaN and are left out of means.
@@ -46,11 +46,16 @@ def retrieval_recalls(
     return totals
 
 
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of predictions equal to their label."""
+    return predicted.eq(labels).float().mean().item()
+
+
 def zero_shot_accuracy(
     embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor
 ) -> float:
     """Accuracy of assigning each embedding to its most similar class prototype."""
-    return (embeddings @ prototypes.T).argmax(1).eq(labels).float().mean().item()
+    return accuracy((embeddings @ prototypes.T).argmax(1), labels)
 
 
 def _nanmean(values: list[float]) -> float:

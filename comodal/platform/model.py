@@ -1,5 +1,6 @@
 """The shared multimodal encoder: per modality an optional trainable backbone and a linear
-projection head into one joint space, plus a temperature.
+projection head into one joint space, a temperature, and for class-incremental work a linear
+classifier over the joint space that grows as classes arrive.
 
 Heads are bias-free linear maps (identity-initialised when widths match, as in CMCL) so that
 gradient-projection strategies can reason about them exactly.
@@ -43,6 +44,9 @@ class MultimodalEncoder(nn.Module):
         self.log_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable_temperature
         )
+        self.joint_dim = joint_dim
+        self.classifier: nn.Linear | None = None  # created by the first grow()
+        self.register_buffer("class_ids", torch.zeros(0, dtype=torch.long))
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -60,3 +64,31 @@ class MultimodalEncoder(nn.Module):
     def encode(self, batch: dict[str, Any], modality: str, normalize: bool = True) -> torch.Tensor:
         z = self.heads[modality](self.backbone(batch[modality], modality))
         return F.normalize(z, dim=-1) if normalize else z
+
+    def grow(self, classes: list[int]) -> None:
+        """Add a classifier row per class not seen yet; old rows are kept as they are."""
+        known = set(self.class_ids.tolist())
+        new = [c for c in dict.fromkeys(classes) if c not in known]
+        if not new:
+            return
+        device = self.class_ids.device
+        grown = nn.Linear(self.joint_dim, len(known) + len(new)).to(device)
+        if self.classifier is not None:
+            with torch.no_grad():
+                grown.weight[: len(known)] = self.classifier.weight
+                grown.bias[: len(known)] = self.classifier.bias
+        self.classifier = grown
+        self.class_ids = torch.cat([self.class_ids, torch.tensor(new, device=device)])
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits over the classes grown so far from joint features ``z`` (before
+        normalisation): the classifier on the unit-norm features, times the logit scale, so
+        that it reads the same geometry the contrastive losses shape."""
+        return self.classifier(F.normalize(z, dim=-1)) * self.scale
+
+    def class_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """Classifier row of each class id in ``labels`` (every one must have been grown)."""
+        lookup = torch.full((int(self.class_ids.max()) + 1,), -1, dtype=torch.long,
+                            device=self.class_ids.device)
+        lookup[self.class_ids] = torch.arange(len(self.class_ids), device=lookup.device)
+        return lookup[labels]

@@ -23,7 +23,7 @@ from comodal.platform.trainer import Trainer
 from comodal.scenarios.registry import build_scenario
 from comodal.strategies.registry import build_strategies
 
-HEADLINE = ("recall@1", "recall@5", "recall@10", "zeroshot")
+HEADLINE = ("recall@1", "recall@5", "recall@10", "zeroshot", "accuracy")
 
 
 @dataclass

@@ -3,10 +3,11 @@ strategy plugins at Avalanche's moments, evaluating every task before and after 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from comodal._avalanche import BasePlugin, BaseSGDPlugin, SupervisedPlugin
@@ -14,11 +15,11 @@ from comodal.config import EvalConfig, TrainConfig
 from comodal.errors import ConfigError
 from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.losses import InfoNCE
-from comodal.platform.metrics import retrieval_recalls, zero_shot_accuracy
+from comodal.platform.metrics import accuracy, retrieval_recalls, zero_shot_accuracy
 from comodal.platform.modalities import Modality, collate_samples
 from comodal.platform.model import MultimodalEncoder
-from comodal.scenarios.data import BatchLoader, InterleavedLoader, MultimodalDataset
-from comodal.scenarios.task import Scenario
+from comodal.scenarios.data import BatchLoader, InterleavedLoader, MultimodalDataset, concat
+from comodal.scenarios.task import Scenario, Task
 
 TRAIN_HOOKS = (
     "before_training", "before_train_dataset_adaptation", "after_train_dataset_adaptation",
@@ -32,6 +33,14 @@ EVAL_HOOKS = (
     "after_eval_forward", "after_eval_iteration", "after_eval_exp", "after_eval",
 )
 _NO_OPS = (BasePlugin, BaseSGDPlugin, SupervisedPlugin)
+
+
+class ClassifyOutput(NamedTuple):
+    """What a classify task's forward pass gives: logits over the classes seen so far and the
+    classified modality's joint features (before normalisation)."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
 
 
 def overrides(plugin: Any, hook: str) -> bool:
@@ -120,14 +129,20 @@ class Trainer:
         return next(iter(BatchLoader(data, self._collate, len(data), -1, shuffle=False)))
 
     def make_loader(self, task_ids: Sequence[int]) -> BatchLoader | InterleavedLoader:
-        """Training batches of the given tasks (interleaved when there are several); the
-        current task reads ``adapted_dataset``, which plugins may replace."""
+        """Training batches of the given tasks; the current task reads ``adapted_dataset``,
+        which plugins may replace. Several classify tasks share batches (one dataset of all
+        their rows, so that every batch mixes classes); pair tasks keep a batch per task, so
+        that InfoNCE's negatives come from the task's own data, and their batches interleave."""
         current = getattr(self, "experience_index", None)
+        data = {i: self.adapted_dataset if i == current else self.scenario.tasks[i].train
+                for i in task_ids}
+        classify = [i for i in task_ids if self.scenario.tasks[i].kind == "classify"]
+        groups = [[i] for i in task_ids if i not in classify] + ([classify] if classify else [])
         loaders = [
-            BatchLoader(self.adapted_dataset if i == current else self.scenario.tasks[i].train,
-                        self._collate, self.train_mb_size, i, shuffle=True,
+            BatchLoader(data[g[0]] if len(g) == 1 else concat([data[i] for i in g], "joint"),
+                        self._collate, self.train_mb_size, g[0], shuffle=True,
                         generator=self.generator)
-            for i in task_ids
+            for g in groups
         ]
         return loaders[0] if len(loaders) == 1 else InterleavedLoader(loaders, self.generator)
 
@@ -167,6 +182,12 @@ class Trainer:
         if self.scenario is not None:
             raise RuntimeError("this Trainer has already been fit; build a new one per run "
                                "so that row 0 is the model before any training")
+        for plugin in self.plugins:
+            kinds = getattr(plugin, "kinds", None)
+            for task in scenario.tasks if kinds else ():
+                if task.kind not in kinds:
+                    raise ConfigError(f"strategy {plugin.name}: works on {' and '.join(kinds)} "
+                                      f"tasks, but task {task.name!r} is a {task.kind} task")
         torch.manual_seed(self.seed)
         self.scenario = self.prepare(scenario)
         self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
@@ -193,6 +214,7 @@ class Trainer:
         self.adapted_dataset = self.scenario.tasks[self.experience_index].train
         self._call("after_train_dataset_adaptation")
         self.dataloader = self.make_loader([self.experience_index])
+        self.grow_classes([self.experience_index])
         self.optimizer = self.make_optimizer()
         self._call("before_training_exp")
         total = self.train_epochs * len(self.dataloader)
@@ -217,8 +239,35 @@ class Trainer:
         self._call("after_training")
         self.is_training = False
 
-    def pair(self, batch: dict[str, Any]) -> tuple[str, str]:
+    def grow_classes(self, task_ids: Iterable[int]) -> None:
+        """Classifier rows for the classes of these tasks (before the optimizer is built)."""
+        for i in task_ids:
+            task = self.scenario.tasks[i]
+            if task.kind == "classify":
+                self.model.grow(task.classes)
+
+    def pair(self, batch: dict[str, Any]) -> tuple[str, ...]:
         return self.scenario.tasks[batch["task_id"]].modalities
+
+    def task_of(self, batch: dict[str, Any]) -> Task:
+        return self.scenario.tasks[batch["task_id"]]
+
+    def forward(self, batch: dict[str, Any], model: MultimodalEncoder | None = None) -> Any:
+        """A pair task's two joint embeddings, or a classify task's ``ClassifyOutput``, of
+        ``batch`` under ``model`` (default the one being trained; a teacher may be passed)."""
+        model = model or self.model
+        task = self.task_of(batch)
+        if task.kind == "classify":
+            z = model.encode(batch, task.modalities[0], normalize=False)
+            return ClassifyOutput(model.classify(z), z)
+        a, b = task.modalities
+        return model.encode(batch, a), model.encode(batch, b)
+
+    def task_loss(self, batch: dict[str, Any], output: Any) -> torch.Tensor:
+        """InfoNCE over a pair batch; cross-entropy over the classes seen so far otherwise."""
+        if isinstance(output, ClassifyOutput):
+            return F.cross_entropy(output.logits, self.model.class_rows(batch["label"]))
+        return self.criterion(*output, self.model.scale)
 
     def training_step(self) -> None:
         """The one place that calls ``zero_grad``, ``backward`` and ``step``."""
@@ -226,10 +275,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = torch.zeros((), device=self.device)  # plugins may add to it from here on
         self._call("before_forward")
-        a, b = self.pair(self.mbatch)
-        self.mb_output = (self.model.encode(self.mbatch, a), self.model.encode(self.mbatch, b))
+        self.mb_output = self.forward(self.mbatch)
         self._call("after_forward")
-        self.loss = self.loss + self.criterion(*self.mb_output, self.model.scale)
+        self.loss = self.loss + self.task_loss(self.mbatch, self.mb_output)
         self._call("before_backward")
         self.loss.backward()
         self._call("after_backward")
@@ -240,20 +288,37 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def embed(self, data: MultimodalDataset, pair: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Joint embeddings of every row of ``data`` for each modality in ``pair``."""
+    def embed(self, data: MultimodalDataset, pair: Sequence[str],
+              head: Any = None) -> dict[str, torch.Tensor]:
+        """Joint embeddings of every row of ``data`` for each modality in ``pair`` (with
+        ``head``: ``head`` of the unnormalised embeddings, e.g. the classifier's logits)."""
         loader = BatchLoader(data, self._collate, self.eval_cfg.batch_size, -1, shuffle=False)
         out: dict[str, list[torch.Tensor]] = {m: [] for m in pair}
         for batch in loader:
             self.mbatch = self.to_device(batch)
             self._call("before_eval_iteration")
             self._call("before_eval_forward")
-            self.mb_output = tuple(self.model.encode(self.mbatch, m) for m in pair)
+            if head is None:
+                self.mb_output = tuple(self.model.encode(self.mbatch, m) for m in pair)
+            else:
+                self.mb_output = tuple(head(self.model.encode(self.mbatch, m, normalize=False))
+                                       for m in pair)
             self._call("after_eval_forward")
             for m, z in zip(pair, self.mb_output, strict=True):
                 out[m].append(z.cpu())
             self._call("after_eval_iteration")
         return {m: torch.cat(z) for m, z in out.items()}
+
+    @torch.no_grad()
+    def class_accuracy(self, data: MultimodalDataset) -> float:
+        """Accuracy on ``data`` with the classifier's argmax over every class seen so far (0
+        before any class of it was trained: class-incremental evaluation)."""
+        if self.model.classifier is None:
+            return 0.0
+        m = self.experience.task.modalities[0]
+        logits = self.embed(data, (m,), head=self.model.classify)[m]
+        predicted = self.model.class_ids.cpu()[logits.argmax(dim=1)]
+        return accuracy(predicted, data.labels)
 
     @torch.no_grad()
     def evaluate(self) -> list[dict[str, float]]:
@@ -267,6 +332,10 @@ class Trainer:
             self.experience = exp
             self._call("before_eval_exp")
             task = exp.task
+            if task.kind == "classify":
+                results.append({"accuracy": self.class_accuracy(task.test)})
+                self._call("after_eval_exp")
+                continue
             z = self.embed(task.test, task.modalities)
             a, b = task.modalities
             cfg = self.eval_cfg

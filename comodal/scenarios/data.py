@@ -24,6 +24,8 @@ class MultimodalDataset(Dataset):
     """Parallel columns, one per modality, with optional integer labels and metadata.
 
     ``fingerprint`` names everything that determined the raw data; the feature cache keys on it.
+    ``origin`` says which rows of which datasets a subset or concatenation was made of, so that
+    their cached features are reused instead of computed again.
     """
 
     name: str
@@ -31,6 +33,8 @@ class MultimodalDataset(Dataset):
     columns: dict[str, Sequence[Any] | torch.Tensor]
     labels: torch.Tensor | None = None
     meta: dict[str, Sequence[Any]] = field(default_factory=dict)
+    origin: list[tuple[MultimodalDataset, torch.Tensor | None]] | None = field(
+        default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         lengths = {key: len(col) for key, col in self.columns.items()}
@@ -67,7 +71,31 @@ class MultimodalDataset(Dataset):
             columns={key: take(col) for key, col in self.columns.items()},
             labels=None if self.labels is None else self.labels[idx],
             meta={key: take(col) for key, col in self.meta.items()},
+            origin=[(self, idx)],
         )
+
+
+def concat(datasets: Sequence[MultimodalDataset], name: str,
+           labels: torch.Tensor | None = None) -> MultimodalDataset:
+    """Rows of ``datasets`` one after another (they share columns); ``labels`` replaces
+    theirs (by default their labels, joined, where every one has labels)."""
+
+    def join(cols: list) -> Sequence[Any] | torch.Tensor:
+        if all(isinstance(c, torch.Tensor) for c in cols):
+            return torch.cat(cols)
+        return [v for c in cols for v in c]
+
+    first = datasets[0]
+    if labels is None and all(d.labels is not None for d in datasets):
+        labels = torch.cat([d.labels for d in datasets])
+    return MultimodalDataset(
+        name=name,
+        fingerprint="+".join(d.fingerprint for d in datasets),
+        columns={k: join([d.columns[k] for d in datasets]) for k in first.columns},
+        labels=labels,
+        meta={k: join([d.meta[k] for d in datasets]) for k in first.meta},
+        origin=[(d, None) for d in datasets],
+    )
 
 
 Collate = Callable[[str, Sequence[Any]], Any]
@@ -75,15 +103,25 @@ Collate = Callable[[str, Sequence[Any]], Any]
 
 def gather(dataset: MultimodalDataset, indices: torch.Tensor, collate: Collate) -> dict[str, Any]:
     """The batch of rows ``indices``: tensor columns are indexed, others collated per modality."""
+    return gather_parts([(dataset, indices)], collate)
+
+
+def gather_parts(parts: Sequence[tuple[MultimodalDataset, torch.Tensor]],
+                 collate: Collate) -> dict[str, Any]:
+    """One batch of rows from several datasets with the same columns (a training batch plus
+    replayed rows): tensor columns are indexed and concatenated, the others collated once."""
     batch: dict[str, Any] = {}
-    for key, col in dataset.columns.items():
-        if isinstance(col, torch.Tensor):
-            batch[key] = col[indices]
+    for key in parts[0][0].columns:
+        cols = [(data.columns[key], idx) for data, idx in parts]
+        if all(isinstance(col, torch.Tensor) for col, _ in cols):
+            taken = [col[idx] for col, idx in cols]
+            batch[key] = taken[0] if len(taken) == 1 else torch.cat(taken)
         else:
-            batch[key] = collate(key, [col[i] for i in indices.tolist()])
-    if dataset.labels is not None:
-        batch["label"] = dataset.labels[indices]
-    batch["index"] = indices
+            batch[key] = collate(key, [col[i] for col, idx in cols for i in idx.tolist()])
+    if all(data.labels is not None for data, _ in parts):
+        labels = [data.labels[idx] for data, idx in parts]
+        batch["label"] = labels[0] if len(labels) == 1 else torch.cat(labels)
+    batch["index"] = parts[0][1] if len(parts) == 1 else torch.cat([idx for _, idx in parts])
     return batch
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from comodal.config import DataConfig, RunConfig
+from comodal.errors import ConfigError
 from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.task import Scenario, Task
 
@@ -33,7 +36,7 @@ def register_dataset(spec: DatasetSpec) -> None:
 
 
 def _load_builtin() -> None:
-    from comodal.scenarios import synth_pairs  # noqa: F401  (registers its domains)
+    from comodal.scenarios import synth_pairs  # noqa: F401  (registers its datasets)
 
 
 def dataset_names() -> list[str]:
@@ -50,6 +53,11 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 def build_scenario(config: RunConfig) -> Scenario:
     """The scenario a run config describes (datasets are built or loaded from the cache)."""
+    ci = config.scenario.class_incremental
+    if ci is not None:
+        splits = dataset_spec(ci.dataset).build(config.data, config.progress)
+        return class_incremental(splits, ci.dataset, tuple(ci.modalities), ci.increments,
+                                 ci.order)
     tasks, built = [], {}
     for i, tc in enumerate(config.scenario.tasks):
         if tc.dataset not in built:
@@ -58,4 +66,41 @@ def build_scenario(config: RunConfig) -> Scenario:
         name = tc.name or f"{i + 1}:{tc.dataset.split('/')[-1]}:{'-'.join(tc.modalities)}"
         tasks.append(Task(name, tuple(tc.modalities), splits.train, splits.test,
                           splits.class_names, splits.class_texts))
+    return Scenario(tasks)
+
+
+def class_groups(num_classes: int, increments: list[int],
+                 order: list[int] | None = None) -> list[list[int]]:
+    """Classes per task: ``order`` (default ascending) cut by ``increments``; a single
+    increment repeats until the classes run out."""
+    where = "scenario.class_incremental"
+    order = list(range(num_classes)) if order is None else list(order)
+    bad = [c for c in order if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(f"{where}.order: class {bad[0]} is not a class of the dataset "
+                          f"(ids 0..{num_classes - 1})")
+    sizes = increments if len(increments) > 1 else [increments[0]] * -(-len(order) // increments[0])
+    if sum(sizes) != len(order) and len(increments) > 1:
+        raise ConfigError(f"{where}.increments: {increments} adds up to {sum(sizes)} classes, "
+                          f"but the order has {len(order)}")
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(order[start:start + size])
+        start += size
+    return groups
+
+
+def class_incremental(splits: Splits, dataset: str, modalities: tuple[str, ...],
+                      increments: list[int], order: list[int] | None = None) -> Scenario:
+    """One ``classify`` task per group of classes, each with its classes' rows of ``splits``."""
+    if splits.train.labels is None or not splits.class_names:
+        raise ConfigError(f"scenario.class_incremental.dataset: {dataset!r} has no labels")
+    tasks = []
+    for i, classes in enumerate(class_groups(len(splits.class_names), increments, order)):
+        keep = torch.tensor(classes)
+        parts = [data.subset(torch.isin(data.labels, keep).nonzero().flatten().tolist())
+                 for data in (splits.train, splits.test)]
+        name = f"{i + 1}:classes " + "+".join(map(str, classes))
+        tasks.append(Task(name, modalities, parts[0], parts[1], splits.class_names,
+                          splits.class_texts, kind="classify", classes=classes))
     return Scenario(tasks)

@@ -7,6 +7,7 @@ file under ``<cache_dir>/synth-pairs/``, keyed by the generator version, seed an
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from comodal.config import DataConfig, SynthPairsConfig
 from comodal.platform.encoders import source_digest
 from comodal.platform.results import atomic_torch_save
 from comodal.scenarios import synth_world as world
-from comodal.scenarios.data import MultimodalDataset
+from comodal.scenarios.data import MultimodalDataset, concat
 from comodal.scenarios.registry import DatasetSpec, Splits, register_dataset
 
 VERSION = 1
@@ -97,5 +98,23 @@ def _builder(domain: str):
     return build
 
 
+def build_all(data: DataConfig, progress: bool) -> Splits:
+    """Every domain in one labelled dataset: class = (domain, shape), so the classes of a
+    class-incremental stream differ in domain as well as in shape."""
+    per_domain = [_builder(d)(data, progress) for d in world.DOMAINS]
+    names = [f"{d} {noun}" for d in world.DOMAINS for noun in world.DOMAINS[d].class_names]
+    texts = [f"a {noun} ({d})" for d in world.DOMAINS for noun in world.DOMAINS[d].class_names]
+
+    def merged(split: str) -> MultimodalDataset:
+        parts = [getattr(s, split) for s in per_domain]
+        offsets = torch.tensor([0, *itertools.accumulate(len(s.class_names) for s in per_domain)])
+        labels = torch.cat([p.labels + offsets[i] for i, p in enumerate(parts)])
+        return concat(parts, "synth-pairs/all", labels)
+
+    return Splits(train=merged("train"), test=merged("test"), class_names=names,
+                  class_texts=texts)
+
+
 for _name in world.DOMAINS:
     register_dataset(DatasetSpec(f"synth-pairs/{_name}", MODALITIES, _builder(_name)))
+register_dataset(DatasetSpec("synth-pairs/all", MODALITIES, build_all))

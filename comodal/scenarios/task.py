@@ -1,7 +1,9 @@
-"""Tasks and scenarios: an ordered list of modality-pair tasks, also an Avalanche benchmark."""
+"""Tasks and scenarios: an ordered list of modality-pair or class-incremental tasks, also an
+Avalanche benchmark."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -9,24 +11,38 @@ from typing import Any
 from comodal.errors import DataError
 from comodal.scenarios.data import MultimodalDataset
 
+KINDS = ("pair", "classify")
+
 
 @dataclass
 class Task:
     """A modality pair trained on ``train`` and evaluated on ``test``; labelled tasks also
-    name their classes and the text used for each class (zero-shot prototypes)."""
+    name their classes and the text used for each class (zero-shot prototypes).
+
+    A ``classify`` task (class-incremental) brings the new classes ``classes``: its first
+    modality is classified over every class seen so far, an optional second one (the
+    transcript) pairs with it for audio-text losses."""
 
     name: str
-    modalities: tuple[str, str]
+    modalities: tuple[str, ...]
     train: MultimodalDataset
     test: MultimodalDataset
     class_names: list[str] | None = None
     class_texts: list[str] | None = None
+    kind: str = "pair"
+    classes: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
+        if self.kind not in KINDS:
+            raise DataError(f"task {self.name!r}: unknown kind {self.kind!r} "
+                            f"(valid: {', '.join(KINDS)})")
         for split, data in (("train", self.train), ("test", self.test)):
             if len(data) == 0:
                 raise DataError(f"task {self.name!r}: the {split} set is empty")
+            if self.kind == "classify" and data.labels is None:
+                raise DataError(f"task {self.name!r}: a classify task needs labels, and the "
+                                f"{split} dataset {data.name!r} has none")
             missing = [m for m in self.modalities if m not in data.modalities]
             if missing:
                 raise DataError(
@@ -35,7 +51,7 @@ class Task:
                 )
 
     def with_data(self, train: MultimodalDataset, test: MultimodalDataset) -> Task:
-        return Task(self.name, self.modalities, train, test, self.class_names, self.class_texts)
+        return dataclasses.replace(self, train=train, test=test)
 
 
 @dataclass

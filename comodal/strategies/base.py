@@ -18,6 +18,7 @@ class Strategy(SupervisedPlugin):
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
+    kinds: ClassVar[tuple[str, ...]] = ("pair", "classify")  # task kinds it works on
 
     def __init__(self, config: object | None = None) -> None:
         super().__init__()

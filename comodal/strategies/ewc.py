@@ -36,6 +36,7 @@ class EWCConfig:
 class EWC(Strategy):
     name = "ewc"
     Config = EWCConfig
+    kinds = ("pair",)  # a growing classifier changes parameter shapes under the anchors
 
     def __init__(self, config: EWCConfig | None = None) -> None:
         super().__init__(config)

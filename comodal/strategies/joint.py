@@ -17,6 +17,9 @@ class Joint(Strategy):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if strategy.experience_index == 0:
-            strategy.dataloader = strategy.make_loader(range(len(strategy.scenario.tasks)))
+            every = range(len(strategy.scenario.tasks))
+            strategy.dataloader = strategy.make_loader(every)
+            strategy.grow_classes(every)  # every class from the start, so the optimizer
+            strategy.optimizer = strategy.make_optimizer()  # must cover the grown classifier
         else:
             strategy.dataloader = []

@@ -17,6 +17,8 @@ class ProjectingStrategy(Strategy):
     """Subclasses say which layers to protect this step (``targets``) and how
     (``subtract_``)."""
 
+    kinds = ("pair",)  # bases are per head and layer; a growing classifier has none
+
     def __init__(self, config: object | None = None) -> None:
         super().__init__(config)
         self.projections = 0

@@ -1,0 +1,81 @@
+"""``coconut`` (Cappellazzo et al., "Continual Contrastive Spoken Language Understanding",
+ACL Findings 2024): experience replay plus two losses, for class-incremental tasks.
+
+- NSPT, the supervised contrastive loss with the rehearsal rows as anchors, positives from the
+  teacher (the model at the task's start), negatives from the student (``NSPT`` in
+  ``comodal.platform.losses``; ``negatives: teacher`` is the NTPT ablation);
+- MM, InfoNCE between each utterance's embedding and its transcript's (the task's second
+  modality), over the whole batch.
+
+Total: task loss + λ₁·NSPT + λ₂·MM (``nspt_weight``, ``mm_weight``). The teacher needs no
+checkpointing: it is the model as saved at the end of the previous task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from comodal.config import check_choice
+from comodal.errors import ConfigError
+from comodal.platform.losses import NSPT
+from comodal.strategies.distill import frozen_copy
+from comodal.strategies.replay import ER, ERConfig
+
+
+@dataclass
+class COCONUTConfig(ERConfig):
+    nspt_weight: float = 1.0  # λ₁
+    mm_weight: float = 1.0  # λ₂
+    temperature: float = 0.1  # of NSPT
+    negatives: str = "student"  # student (NSPT) | teacher (NTPT)
+
+    strategy = "coconut"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("strategy_args.coconut.negatives", self.negatives, ("student", "teacher"))
+        if self.temperature <= 0 or min(self.nspt_weight, self.mm_weight) < 0:
+            raise ConfigError("strategy_args.coconut: temperature must be > 0 and the weights "
+                              f">= 0, got {self.temperature}, {self.nspt_weight}, "
+                              f"{self.mm_weight}")
+
+
+class COCONUT(ER):
+    name = "coconut"
+    Config = COCONUTConfig
+    kinds = ("classify",)
+
+    def __init__(self, config: COCONUTConfig | None = None) -> None:
+        super().__init__(config)
+        self.teacher: torch.nn.Module | None = None
+        self.nspt = NSPT(self.config.temperature, self.config.negatives)
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        task = strategy.scenario.tasks[strategy.experience_index]
+        if self.config.mm_weight and len(task.modalities) < 2:
+            raise ConfigError(f"strategy coconut: the MM loss needs a transcript modality, but "
+                              f"task {task.name!r} names only {task.modalities[0]!r} (add one "
+                              "to scenario.class_incremental.modalities or set "
+                              "strategy_args.coconut.mm_weight: 0)")
+        super().before_training_exp(strategy, **kwargs)
+        self.teacher = frozen_copy(strategy.model) if strategy.experience_index > 0 else None
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        super().before_backward(strategy, **kwargs)
+        batch, out, cfg = strategy.mbatch, strategy.mb_output, self.config
+        rehearsal = batch.get("rehearsal")
+        if self.teacher is not None and rehearsal is not None and cfg.nspt_weight:
+            with torch.no_grad():
+                teacher = strategy.forward(batch, self.teacher)
+            loss = self.nspt(out.features, teacher.features, batch["label"], rehearsal)
+            strategy.loss = strategy.loss + cfg.nspt_weight * loss
+        modalities = strategy.pair(batch)
+        if len(modalities) == 2 and cfg.mm_weight:
+            text = strategy.model.encode(batch, modalities[1])
+            mm = strategy.criterion(F.normalize(out.features, dim=1), text,
+                                    strategy.model.scale)
+            strategy.loss = strategy.loss + cfg.mm_weight * mm

@@ -1,0 +1,139 @@
+"""``er``: experience replay. After each task a buffer keeps references to some of its training
+rows; every later step draws a memory batch from it.
+
+Memory rows of tasks with the current task's kind and modalities join the training batch (one
+collation; ``batch["rehearsal"]`` marks them), so a loss over the batch sees them as
+negatives and positives like any other row. Rows of tasks with another modality pair cannot
+share the batch: they form side batches, one per task, whose own task losses are added with
+weight ``weight`` (their outputs are kept in ``strategy.replay_outputs`` for distillation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from comodal.errors import ConfigError
+from comodal.scenarios.data import BatchLoader, gather_parts
+from comodal.strategies.base import Strategy
+from comodal.strategies.buffers import BufferConfig, ReplayBuffer
+
+
+@dataclass
+class ERConfig(BufferConfig):
+    batch_size: int = 0  # memory rows per step; 0: the training batch size
+    weight: float = 1.0  # of the side batches' losses (memory of other modality pairs)
+
+    def __post_init__(self) -> None:
+        self.check(f"strategy_args.{self.strategy}")
+        if self.batch_size < 0 or self.weight < 0:
+            raise ConfigError(f"strategy_args.{self.strategy}: batch_size and weight must be "
+                              f">= 0, got {self.batch_size} and {self.weight}")
+
+    strategy = "er"  # the name in error messages (a class attribute, not a config field)
+
+
+class ReplayLoader:
+    """The training loader's batches with memory rows: compatible rows appended to the batch,
+    the others as ``batch["replay"]``, a list of side batches."""
+
+    def __init__(self, base: BatchLoader, trainer: Any, buffer: ReplayBuffer,
+                 memory_batch: int) -> None:
+        self.base, self.trainer, self.buffer = base, trainer, buffer
+        self.memory_batch = memory_batch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        tasks = self.trainer.scenario.tasks
+        current = tasks[self.base.task_id]
+        collate = self.base.collate
+        for rows in self.base.batch_indices():
+            slots = self.buffer.sample(self.memory_batch, self.trainer.generator)
+            parts, side = [(self.base.dataset, rows)], []
+            for t in self.buffer.task[slots].unique().tolist():
+                index = self.buffer.index[slots][self.buffer.task[slots] == t]
+                old = tasks[t]
+                if old.kind == current.kind and old.modalities == current.modalities:
+                    parts.append((old.train, index))
+                else:
+                    side_batch = gather_parts([(old.train, index)], collate)
+                    side_batch["task_id"] = t
+                    side.append(side_batch)
+            batch = gather_parts(parts, collate)
+            batch["task_id"] = self.base.task_id
+            batch["rehearsal"] = torch.arange(len(batch["index"])) >= len(rows)
+            batch["replay"] = side
+            yield batch
+
+
+class ER(Strategy):
+    """Experience replay with a class-balanced, experience-balanced or reservoir buffer."""
+
+    name = "er"
+    Config = ERConfig
+    owns_buffer = True
+
+    def __init__(self, config: ERConfig | None = None) -> None:
+        super().__init__(config)
+        self.buffer: ReplayBuffer | None = None
+
+    def capacity(self, strategy: Any) -> int:
+        if self.config.size:
+            return self.config.size
+        rows = sum(len(t.train) for t in strategy.scenario.tasks)
+        return max(1, round(self.config.fraction * rows))
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.buffer is None:
+            cfg = self.config
+            self.buffer = ReplayBuffer(self.capacity(strategy), cfg.policy, cfg.selection)
+        if len(self.buffer) and isinstance(strategy.dataloader, BatchLoader):
+            size = self.config.batch_size or strategy.train_mb_size
+            strategy.dataloader = ReplayLoader(strategy.dataloader, strategy, self.buffer, size)
+
+    def after_forward(self, strategy: Any, **kwargs: Any) -> None:
+        """Forward the side batches (memory of other modality pairs) with the batch."""
+        side = strategy.mbatch.get("replay") or []
+        strategy.replay_outputs = [(batch, strategy.forward(strategy.to_device(batch)))
+                                   for batch in side]
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        outputs = getattr(strategy, "replay_outputs", [])
+        if outputs:
+            rows = sum(len(batch["index"]) for batch, _ in outputs)
+            side = sum(len(batch["index"]) / rows * strategy.task_loss(batch, out)
+                       for batch, out in outputs)
+            strategy.loss = strategy.loss + self.config.weight * side
+
+    @torch.no_grad()
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        index = strategy.experience_index
+        task = strategy.scenario.tasks[index]
+        modalities = task.modalities[:1] if task.kind == "classify" else task.modalities
+
+        def features() -> torch.Tensor:
+            z = strategy.embed(task.train, modalities)
+            return torch.cat([z[m] for m in modalities], dim=1)
+
+        self.buffer.add_task(index, task.train.labels, features, strategy.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.buffer is None else {"buffer": self.buffer.state_dict(),
+                                               "capacity": self.buffer.capacity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            cfg = self.config
+            self.buffer = ReplayBuffer(state["capacity"], cfg.policy, cfg.selection)
+            self.buffer.load_state_dict(state["buffer"])
+
+    def results(self) -> dict[str, Any]:
+        buffer = self.buffer
+        return {"capacity": buffer.capacity if buffer else 0, "policy": self.config.policy,
+                "selection": self.config.selection, "slots": len(buffer) if buffer else 0,
+                "memory_batch": self.config.batch_size}
