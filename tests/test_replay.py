@@ -325,3 +325,23 @@ def test_replay_stacks_with_other_strategies_on_pairs(tiny: dict, tmp_path: Path
     tiny["strategy_args"] = {"er": {"size": 30}}
     result = run(_load(tiny, tmp_path))
     assert torch.isfinite(result.matrices["recall@1"]).all()
+
+
+def test_a_class_balanced_buffer_on_unlabelled_pairs_fails_before_training(tmp_path: Path) -> None:
+    from comodal.config import ModalityConfig, RunConfig
+    from comodal.scenarios.data import MultimodalDataset
+    from comodal.scenarios.task import Scenario, Task
+
+    def rows(seed: int) -> MultimodalDataset:
+        g = torch.Generator().manual_seed(seed)
+        return MultimodalDataset("plain", f"plain-{seed}", {"a": torch.randn(16, 8, generator=g),
+                                                           "b": torch.randn(16, 8, generator=g)})
+
+    config = RunConfig(progress=False)
+    config.data.cache_dir = str(tmp_path)
+    config.model.joint_dim = 8
+    config.model.modalities = {m: ModalityConfig(encoder="features", dim=8) for m in "ab"}
+    trainer = build_trainer(config, [ER()])
+    with pytest.raises(ConfigError, match="task 'unlabelled' has no labels"):
+        trainer.fit(Scenario([Task("unlabelled", ("a", "b"), rows(0), rows(1))]))
+    assert trainer.history == []

@@ -91,6 +91,11 @@ class ER(Strategy):
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if self.buffer is None:
             cfg = self.config
+            unlabelled = [t.name for t in strategy.scenario.tasks if t.train.labels is None]
+            if cfg.policy == "class" and unlabelled:
+                raise ConfigError(f"strategy_args.{self.name}.policy: 'class' balances the "
+                                  f"buffer by label, and task {unlabelled[0]!r} has no labels "
+                                  "(use policy: experience or reservoir)")
             self.buffer = ReplayBuffer(self.capacity(strategy), cfg.policy, cfg.selection)
         if len(self.buffer) and isinstance(strategy.dataloader, BatchLoader):
             size = self.config.batch_size or strategy.train_mb_size
