@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from comodal.config import RunConfig, to_dict
 from comodal.platform.feature_cache import FeatureCache
@@ -68,14 +69,26 @@ def build_trainer(config: RunConfig, plugins: Sequence[Any] | None = None) -> Tr
     )
 
 
-def run(config: RunConfig) -> RunResult:
-    """Train through the configured scenario and write the run directory (if ``out`` is set)."""
+def identity(config: RunConfig) -> str:
+    """The resolved config as text, without the fields that do not change results."""
+    fields = {k: v for k, v in to_dict(config).items() if k not in ("out", "progress", "device")}
+    return yaml.safe_dump(fields, sort_keys=True)
+
+
+def run(config: RunConfig, resume: bool = False) -> RunResult:
+    """Train through the configured scenario and write the run directory (if ``out`` is set),
+    with a checkpoint after every task under ``<out>/checkpoints``. ``resume`` continues from
+    the latest checkpoint there (a finished run then trains nothing); otherwise old
+    checkpoints are removed and the run starts over."""
     start = time.perf_counter()
+    out = Path(config.out) if config.out else None
+    checkpoints = out / "checkpoints" if out is not None else None
+    if checkpoints is not None and not resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     trainer = build_trainer(config)
     scenario = build_scenario(config)
-    matrices = trainer.fit(scenario)
+    matrices = trainer.fit(scenario, checkpoints, identity(config))
     summary = {m: summarize(r) for m, r in matrices.items()}
-    out = Path(config.out) if config.out else None
     seconds = time.perf_counter() - start
     if out is not None:
         for stale in (out / "tb", out / "matrices"):  # a rerun replaces, never mixes

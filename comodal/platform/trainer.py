@@ -4,6 +4,7 @@ strategy plugins at Avalanche's moments, evaluating every task before and after 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from comodal._avalanche import BasePlugin, BaseSGDPlugin, SupervisedPlugin
 from comodal.config import EvalConfig, TrainConfig
 from comodal.errors import ConfigError
+from comodal.platform import checkpoint
 from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.losses import InfoNCE
 from comodal.platform.metrics import accuracy, retrieval_recalls, zero_shot_accuracy
@@ -162,14 +164,20 @@ class Trainer:
         return batch
 
     # ----------------------------------------------------------------- training
-    def fit(self, scenario: Scenario) -> dict[str, torch.Tensor]:
+    def fit(self, scenario: Scenario, checkpoints: Path | None = None,
+            config: str = "") -> dict[str, torch.Tensor]:
         """Train through every task; return one matrix ``R[after_task, eval_task]`` per metric
-        (row 0 is the evaluation before any training)."""
+        (row 0 is the evaluation before any training). With ``checkpoints`` (a directory), a
+        checkpoint is written after every task and the run resumes from the latest one there
+        (``config``, the resolved config as text, must match the one it was written with)."""
         self.setup(scenario)
-        rows = [self.evaluate()]
-        for exp in self.benchmark.train_stream:
+        state = checkpoint.latest(checkpoints, config) if checkpoints is not None else None
+        rows = checkpoint.restore(self, state) if state else [self.evaluate()]
+        for exp in list(self.benchmark.train_stream)[len(rows) - 1:]:
             self.train_experience(exp)
             rows.append(self.evaluate())
+            if checkpoints is not None:
+                checkpoint.save(checkpoints, self, rows, config)
         metrics = sorted({m for row in rows for col in row for m in col})
         nan = float("nan")
         return {

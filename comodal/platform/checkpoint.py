@@ -1,0 +1,90 @@
+"""Checkpoints after every task, so that a killed run resumes from its last finished task and
+ends with the metrics an uninterrupted run gives.
+
+A checkpoint holds the model (with the classifier's class ids), every strategy's
+``state_dict()`` (buffers, moments, bases, Fisher anchors), the evaluation rows and training
+history so far, and every random state the rest of the run draws from: the trainer's batch
+generator and torch's, numpy's and Python's global generators. The optimizer is not saved: the
+trainer builds a fresh one at the start of every task. Teachers are not saved either: a
+teacher is the model as it was at the start of its task, which is the checkpointed model.
+Files load with ``weights_only=True`` (tensors and plain containers only) and are written
+atomically, so a kill never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from comodal.errors import ConfigError
+from comodal.platform.results import atomic_torch_save
+
+PATTERN = re.compile(r"after_task_(\d+)\.pt$")
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save(directory: Path, trainer: Any, rows: list, config: str) -> Path:
+    """Write the checkpoint after task ``len(rows) - 1`` (rows include the one before
+    training); ``config`` is the run's resolved config, to refuse resuming another run."""
+    done = len(rows) - 1
+    state = {
+        "config": config,
+        "tasks_done": done,
+        "rows": rows,
+        "history": trainer.history,
+        "model": trainer.model.state_dict(),
+        "class_ids": trainer.model.class_ids.tolist(),
+        "strategies": [p.state_dict() if hasattr(p, "state_dict") else None
+                       for p in trainer.plugins],
+        "rng": rng_state(trainer.generator),
+    }
+    path = Path(directory) / f"after_task_{done}.pt"
+    atomic_torch_save(state, path)
+    return path
+
+
+def latest(directory: Path, config: str) -> dict[str, Any] | None:
+    """The checkpoint of the most tasks in ``directory``, or None; a checkpoint of another
+    config is an error, since resuming it would mix two runs."""
+    found = sorted((int(m.group(1)), p) for p in Path(directory).glob("after_task_*.pt")
+                   if (m := PATTERN.search(p.name)))
+    if not found:
+        return None
+    path = found[-1][1]
+    state = torch.load(path, weights_only=True)
+    if state["config"] != config:
+        raise ConfigError(f"{path}: this checkpoint is from a run with another config; resume "
+                          "with that config, or write the new run elsewhere (--out)")
+    return state
+
+
+def restore(trainer: Any, state: dict[str, Any]) -> list:
+    """Put the trainer where it was after the checkpoint's task; returns the rows so far."""
+    trainer.model.grow(state["class_ids"])
+    trainer.model.load_state_dict(state["model"])
+    for plugin, plugin_state in zip(trainer.plugins, state["strategies"], strict=True):
+        if plugin_state is not None:
+            plugin.load_state_dict(plugin_state)
+    trainer.history = list(state["history"])
+    set_rng_state(state["rng"], trainer.generator)
+    return list(state["rows"])
