@@ -12,10 +12,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+DEMO_STRATEGIES ?= finetune,joint,dns,gpm,ewc,er,er+relation_kd
+
 demo: $(VENV)/.installed
-	$(BIN)/comodal run examples/synth_pairs.yaml --set strategies=[finetune] --out $(RUNS)/finetune
-	$(BIN)/comodal run examples/synth_pairs.yaml --set strategies=[joint] --out $(RUNS)/joint
-	$(BIN)/comodal summarize $(RUNS)/finetune $(RUNS)/joint
+	$(BIN)/comodal compare examples/synth_pairs.yaml --strategies $(DEMO_STRATEGIES) --seeds 2 --out $(RUNS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

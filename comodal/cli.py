@@ -1,8 +1,10 @@
-"""``comodal`` command line: ``run`` a config, ``summarize`` run directories side by side."""
+"""``comodal`` command line: ``run`` a config, ``compare`` strategies over seeds, ``report`` a
+comparison again from its saved results, ``summarize`` run directories side by side."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +23,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a config field, e.g. train.epochs=5")
     run.add_argument("--out", help="run directory (default: the config's 'out' or runs/<name>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the run directory's last checkpoint")
+    comp = sub.add_parser("compare", help="run several strategies over several seeds, then "
+                                          "write tables and plots")
+    comp.add_argument("config", help="YAML run config (its scenario, model and training)")
+    comp.add_argument("--strategies", required=True,
+                      help="comma-separated entries; '+' stacks strategies, e.g. "
+                           "finetune,er,er+relation_kd")
+    comp.add_argument("--seeds", type=int, default=3, help="seeds per entry (default 3), "
+                                                            "from the config's seed on")
+    comp.add_argument("--workers", type=int, default=1, help="runs at once (default 1)")
+    comp.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config field, e.g. train.epochs=5")
+    comp.add_argument("--out", help="comparison directory (default runs/<config name>-compare)")
+    rep = sub.add_parser("report", help="re-render a comparison's tables and plots")
+    rep.add_argument("dir", help="comparison directory written by 'comodal compare'")
     summ = sub.add_parser("summarize", help="print the summaries of run directories side by side")
     summ.add_argument("runs", nargs="+", help="run directories written by 'comodal run'")
     summ.add_argument("--metric", default=None, help="metric to show (default: all headline)")
@@ -36,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from comodal.platform.results import format_matrix, format_summaries
     from comodal.platform.run import HEADLINE, run
 
-    result = run(config)
+    result = run(config, resume=args.resume)
     print(f"\nrun directory: {result.out}  ({result.seconds:.1f} s)")
     for metric in HEADLINE:
         if metric in result.matrices:
@@ -74,11 +92,44 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from comodal.platform.compare import execute, parse_stacks, plan
+    from comodal.platform.results import atomic_write_text
+
+    config = load_config(args.config, args.overrides)
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+    out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-compare")
+    stacks = parse_stacks(args.strategies)
+    runs = plan(config, stacks, args.seeds, out)
+    atomic_write_text(out / "compare.json", json.dumps(
+        {"config": str(args.config), "overrides": args.overrides, "strategies": stacks,
+         "seeds": [r.seed for r in runs[: args.seeds]]}, indent=1))
+    counts = execute(runs, args.workers, progress=config.progress)
+    print(f"{counts['trained']} runs trained, {counts['skipped']} already finished")
+    return _report(out)
+
+
+def _report(directory: Path) -> int:
+    from comodal.platform.report import write_report
+
+    written = write_report(directory)
+    print(f"\n{written['markdown']}")
+    print(f"tables: {directory / 'summary.md'}, {directory / 'summary.csv'}")
+    print("plots: " + ", ".join(str(p) for p in written["plots"].values()))
+    print(f"TensorBoard: tensorboard --logdir {directory / 'tb'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
+        if args.command == "report":
+            return _report(Path(args.dir))
         return _cmd_summarize(args)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"comodal: error: {err}", file=sys.stderr)
