@@ -81,9 +81,18 @@ class SynthPairsConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """A bring-your-own-features dataset (``comodal.scenarios.features``)."""
+
+    index: str  # CSV: id, split (train | test), optional label
+    modalities: dict[str, str] = field(default_factory=dict)  # modality -> .npy / .safetensors
+
+
+@dataclass
 class DataConfig:
     cache_dir: str = ".comodal_cache"
     synth_pairs: SynthPairsConfig = field(default_factory=SynthPairsConfig)
+    features: dict[str, FeaturesConfig] = field(default_factory=dict)  # datasets features/<name>
 
 
 @dataclass
@@ -357,8 +366,8 @@ def scenario_kind(config: RunConfig) -> str:
 def _check_modalities(config: RunConfig, where: str, dataset: str, modalities: list[str]) -> None:
     from comodal.scenarios.registry import dataset_names, dataset_spec
 
-    check_choice(f"{where}.dataset", dataset, dataset_names())
-    available = dataset_spec(dataset).modalities
+    check_choice(f"{where}.dataset", dataset, dataset_names(config.data))
+    available = dataset_spec(dataset, config.data).modalities
     for m in modalities:
         if m not in available:
             raise ConfigError(f"{where}.modalities: dataset {dataset!r} has no modality {m!r} "

@@ -4,6 +4,7 @@ bring-your-own-features datasets."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,81 @@ def test_bad_compare_input_is_a_clear_error(comparison: Path, capsys) -> None:  
     assert "unknown strategy 'nope'" in capsys.readouterr().err
     assert main(["report", str(comparison.parent / "missing")]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- own features
+def _write_features(root: Path, n: int = 240, d: int = 16) -> dict:
+    """An index CSV and three modalities of embeddings of shared latents (ids a0, a1, ...)."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(n, d, generator=g)
+    ids = [f"a{i}" for i in range(n)]
+    rows = ["id,split,label"] + [f"{ids[i]},{'train' if i % 4 else 'test'},{i % 3}"
+                                 for i in range(n)]
+    (root / "index.csv").write_text("\n".join(rows) + "\n")
+    views = {m: latent @ torch.randn(d, d, generator=g) + 0.1 * torch.randn(n, d, generator=g)
+             for m in ("vision", "audio", "text")}
+    np.save(root / "vision.npy", views["vision"].numpy())
+    np.save(root / "audio.npy", views["audio"].numpy())
+    (root / "audio.npy.ids").write_text("\n".join(ids) + "\n")
+    save_file({"embeddings": views["text"]}, str(root / "text.safetensors"),
+              metadata={"ids": json.dumps(ids)})
+    return {"index": str(root / "index.csv"),
+            "modalities": {m: str(root / f"{m}.{'safetensors' if m == 'text' else 'npy'}")
+                           for m in ("vision", "audio", "text")}}
+
+
+def _byo_config(tmp_path: Path, features: dict) -> dict:
+    return {
+        "strategies": ["finetune"], "progress": False, "out": str(tmp_path / "run"),
+        "data": {"cache_dir": str(tmp_path / "cache"), "features": {"mine": features}},
+        "model": {"joint_dim": 16, "modalities": {
+            m: {"encoder": "features", "dim": 16} for m in ("vision", "audio", "text")}},
+        "scenario": {"tasks": [{"dataset": "features/mine", "modalities": ["vision", "text"]},
+                               {"dataset": "features/mine", "modalities": ["audio", "text"]}]},
+        "train": {"epochs": 20, "lr": 0.01, "batch_size": 32},
+    }
+
+
+def test_own_features_run_a_two_task_scenario(tmp_path: Path) -> None:
+    from comodal.platform.run import run
+
+    features = _write_features(tmp_path)
+    result = run(_load(_byo_config(tmp_path, features), tmp_path))
+    r1 = result.matrices["recall@1"]
+    assert r1.shape == (3, 2)
+    assert r1[1, 0] > 0.2 and r1[2, 1] > 0.2  # 60 test items: chance is 0.017
+    assert result.task_names == ["1:mine:vision-text", "2:mine:audio-text"]
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("rows", "has 200 rows but .* lists 240 items"),
+    ("ids", "row 3 has id 'x' where .* has 'a3'"),
+    ("safetensors-ids", "row 0 has id 'b0' where .* has 'a0'"),
+    ("split", "split 'dev' is not one of train, test"),
+])
+def test_own_features_with_mismatched_rows_or_ids_are_clear_errors(
+        tmp_path: Path, damage: str, message: str) -> None:
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from comodal.errors import DataError
+    from comodal.platform.run import run
+
+    features = _write_features(tmp_path)
+    if damage == "rows":
+        np.save(tmp_path / "vision.npy", np.zeros((200, 16), dtype=np.float32))
+    elif damage == "ids":
+        ids = (tmp_path / "audio.npy.ids").read_text().split("\n")
+        ids[3] = "x"
+        (tmp_path / "audio.npy.ids").write_text("\n".join(ids))
+    elif damage == "safetensors-ids":
+        save_file({"embeddings": torch.zeros(240, 16)}, str(tmp_path / "text.safetensors"),
+                  metadata={"ids": json.dumps([f"b{i}" for i in range(240)])})
+    else:
+        text = (tmp_path / "index.csv").read_text().replace("a5,train", "a5,dev")
+        (tmp_path / "index.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        run(_load(_byo_config(tmp_path, features), tmp_path))

@@ -39,29 +39,48 @@ def _load_builtin() -> None:
     from comodal.scenarios import synth_pairs  # noqa: F401  (registers its datasets)
 
 
-def dataset_names() -> list[str]:
+def dataset_names(data: DataConfig | None = None) -> list[str]:
+    """Registered datasets, and ``features/<name>`` for each of ``data.features``."""
     _load_builtin()
-    return sorted(_DATASETS)
+    extra = [f"features/{k}" for k in (data.features if data is not None else {})]
+    return sorted(_DATASETS) + extra
 
 
-def dataset_spec(name: str) -> DatasetSpec:
+def dataset_spec(name: str, data: DataConfig | None = None) -> DatasetSpec:
     _load_builtin()
+    key = name.removeprefix("features/")
+    if data is not None and name.startswith("features/") and key in data.features:
+        return DatasetSpec(name, tuple(data.features[key].modalities), _features_builder(key))
     if name not in _DATASETS:
-        raise KeyError(f"unknown dataset {name!r} (valid: {', '.join(sorted(_DATASETS))})")
+        raise KeyError(f"unknown dataset {name!r} (valid: {', '.join(dataset_names(data))})")
     return _DATASETS[name]
+
+
+def _features_builder(key: str) -> Callable[[DataConfig, bool], Splits]:
+    def build(data: DataConfig, progress: bool) -> Splits:
+        from comodal.scenarios.features import load_features
+
+        train, test = load_features(key, data.features[key])
+        if train.labels is None:
+            return Splits(train, test)
+        names = [f"class {c}" for c in range(int(max(train.labels.max(), test.labels.max())) + 1)]
+        return Splits(train, test, class_names=names)
+
+    return build
 
 
 def build_scenario(config: RunConfig) -> Scenario:
     """The scenario a run config describes (datasets are built or loaded from the cache)."""
     ci = config.scenario.class_incremental
     if ci is not None:
-        splits = dataset_spec(ci.dataset).build(config.data, config.progress)
+        splits = dataset_spec(ci.dataset, config.data).build(config.data, config.progress)
         return class_incremental(splits, ci.dataset, tuple(ci.modalities), ci.increments,
                                  ci.order)
     tasks, built = [], {}
     for i, tc in enumerate(config.scenario.tasks):
         if tc.dataset not in built:
-            built[tc.dataset] = dataset_spec(tc.dataset).build(config.data, config.progress)
+            built[tc.dataset] = dataset_spec(tc.dataset, config.data).build(config.data,
+                                                                            config.progress)
         splits = built[tc.dataset]
         name = tc.name or f"{i + 1}:{tc.dataset.split('/')[-1]}:{'-'.join(tc.modalities)}"
         tasks.append(Task(name, tuple(tc.modalities), splits.train, splits.test,

@@ -1,0 +1,146 @@
+"""Bring-your-own features: a dataset of embeddings computed elsewhere (ImageBind,
+LanguageBind, CLAP, ...), so that a CMCL-style stream runs without those backbones.
+
+Configured under ``data.features.<name>`` and used as dataset ``features/<name>``:
+
+- ``index``: a CSV with a header and columns ``id``, ``split`` (``train`` or ``test``) and
+  optionally ``label`` (an integer class id); one row per item, in the arrays' row order;
+- ``modalities``: modality -> a ``.npy`` file (a 2-D array) or a ``.safetensors`` file (one
+  2-D tensor, or a tensor named ``embeddings``), one row per index row. A ``.safetensors``
+  file may carry its row ids as JSON in the metadata field ``ids``, and a ``.npy`` file in a
+  text file beside it (``<file>.ids``, one id per line); when present they must equal the
+  index's ids, row by row.
+
+Relative paths are read from the current directory. The modalities take precomputed features
+(``model.modalities.<m>: {encoder: features, dim: <width>}``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from comodal.config import FeaturesConfig
+from comodal.errors import DataError
+from comodal.scenarios.data import MultimodalDataset
+
+SPLITS = ("train", "test")
+
+
+def read_index(path: Path, where: str) -> tuple[list[str], list[str], list[int] | None]:
+    """ids, splits and labels (or None) of an index CSV, checked row by row."""
+    if not path.is_file():
+        raise DataError(f"{where}: index file {str(path)!r} does not exist")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("id", "split") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{where}: {path} has no column {missing[0]!r} (header: "
+                            f"{', '.join(reader.fieldnames or [])}; needed: id, split, "
+                            "optionally label)")
+        has_label = "label" in reader.fieldnames
+        ids, splits, labels = [], [], []
+        for line, row in enumerate(reader, start=2):
+            if row["split"] not in SPLITS:
+                raise DataError(f"{where}: {path} line {line}: split {row['split']!r} is not "
+                                f"one of {', '.join(SPLITS)}")
+            if not row["id"]:
+                raise DataError(f"{where}: {path} line {line}: empty id")
+            ids.append(row["id"])
+            splits.append(row["split"])
+            if has_label:
+                try:
+                    labels.append(int(row["label"]))
+                except (TypeError, ValueError):
+                    raise DataError(f"{where}: {path} line {line}: label {row['label']!r} is not "
+                                    "an integer") from None
+    if not ids:
+        raise DataError(f"{where}: {path} lists no items")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{where}: {path} lists an id twice")
+    return ids, splits, labels if has_label else None
+
+
+def read_array(path: Path, where: str) -> tuple[torch.Tensor, list[str] | None]:
+    """The 2-D float embeddings of one modality file and its row ids, if it carries them."""
+    if not path.is_file():
+        raise DataError(f"{where}: features file {str(path)!r} does not exist")
+    ids = None
+    if path.suffix == ".npy":
+        try:
+            array = torch.from_numpy(np.load(path, allow_pickle=False)).float()
+        except ValueError as err:
+            raise DataError(f"{where}: {path} is not a readable .npy array ({err})") from None
+        sidecar = path.with_name(path.name + ".ids")
+        if sidecar.is_file():
+            ids = sidecar.read_text().split("\n")
+            ids = ids[:-1] if ids and ids[-1] == "" else ids
+    elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                key = "embeddings" if "embeddings" in keys else keys[0] if len(keys) == 1 else None
+                if key is None:
+                    raise DataError(f"{where}: {path} holds several tensors ({', '.join(keys)}) "
+                                    "and none is named 'embeddings'")
+                array = f.get_tensor(key).float()
+                meta = f.metadata() or {}
+        except SafetensorError as err:
+            raise DataError(f"{where}: {path} is not a readable .safetensors file ({err})") \
+                from None
+        ids = json.loads(meta["ids"]) if "ids" in meta else None
+    else:
+        raise DataError(f"{where}: {path} must be a .npy or .safetensors file")
+    if array.dim() != 2:
+        raise DataError(f"{where}: {path} has shape {tuple(array.shape)}; expected "
+                        "[items, width]")
+    return array, ids
+
+
+def load_features(name: str, cfg: FeaturesConfig) -> tuple[MultimodalDataset, MultimodalDataset]:
+    """Train and test datasets of ``features/<name>``, with every shape and id checked."""
+    where = f"data.features.{name}"
+    if not cfg.modalities:
+        raise DataError(f"{where}.modalities: name at least one modality file")
+    index = Path(cfg.index)
+    ids, splits, labels = read_index(index, where)
+    digest = hashlib.sha256(index.read_bytes())
+    columns = {}
+    for modality, file in cfg.modalities.items():
+        path = Path(file)
+        array, row_ids = read_array(path, f"{where}.modalities.{modality}")
+        if len(array) != len(ids):
+            raise DataError(f"{where}.modalities.{modality}: {path} has {len(array)} rows but "
+                            f"{index} lists {len(ids)} items")
+        if row_ids is not None:
+            if len(row_ids) != len(ids):
+                raise DataError(f"{where}.modalities.{modality}: {path} carries {len(row_ids)} "
+                                f"ids but {index} lists {len(ids)} items")
+            for row, (got, want) in enumerate(zip(row_ids, ids, strict=True)):
+                if got != want:
+                    raise DataError(f"{where}.modalities.{modality}: {path} row {row} has id "
+                                    f"{got!r} where {index} has {want!r}")
+        columns[modality] = array
+        stat = path.stat()
+        digest.update(f"{modality}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    fingerprint = f"features-{name}-{digest.hexdigest()[:12]}"
+    label_tensor = torch.tensor(labels) if labels is not None else None
+
+    def split(which: str) -> MultimodalDataset:
+        rows = torch.tensor([i for i, s in enumerate(splits) if s == which])
+        if len(rows) == 0:
+            raise DataError(f"{where}: {index} has no {which} rows")
+        return MultimodalDataset(
+            f"features/{name}", f"{fingerprint}/{which}",
+            {m: col[rows] for m, col in columns.items()},
+            None if label_tensor is None else label_tensor[rows],
+            {"id": [ids[i] for i in rows.tolist()]})
+
+    return split("train"), split("test")
