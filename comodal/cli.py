@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field, e.g. train.epochs=5")
     comp.add_argument("--out", help="comparison directory (default runs/<config name>-compare)")
+    data = sub.add_parser("data", help="make a dataset")
+    made = data.add_subparsers(dest="dataset", required=True)
+    fsc = made.add_parser("synth-fsc", help="synthesise a spoken-commands corpus in Fluent "
+                                           "Speech Commands' layout (eSpeak NG, offline)")
+    fsc.add_argument("--out", required=True, help="directory to write the corpus into")
+    fsc.add_argument("--seed", type=int, default=0)
+    fsc.add_argument("--train-speakers", type=int, default=20)
+    fsc.add_argument("--valid-speakers", type=int, default=4)
+    fsc.add_argument("--test-speakers", type=int, default=4)
+    fsc.add_argument("--no-noise", action="store_true", help="clean speech, no additive noise")
     rep = sub.add_parser("report", help="re-render a comparison's tables and plots")
     rep.add_argument("dir", help="comparison directory written by 'comodal compare'")
     summ = sub.add_parser("summarize", help="print the summaries of run directories side by side")
@@ -110,6 +120,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return _report(out)
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from comodal.scenarios.synth_fsc import SynthFSCSpec, generate
+
+    counts = (args.train_speakers, args.valid_speakers, args.test_speakers)
+    if min(counts) < 1:
+        raise ConfigError(f"--train/valid/test-speakers: each must be at least 1, got {counts}")
+    out = Path(args.out)
+    if (out / "data").exists():
+        raise ConfigError(f"--out: {out} already holds a corpus (data/); choose a new directory")
+    spec = SynthFSCSpec(args.seed, *counts, noise=not args.no_noise)
+    generate(out, spec)
+    lines = {s: sum(1 for _ in (out / "data" / f"{s}_data.csv").open()) - 1
+             for s in ("train", "valid", "test")}
+    print(f"wrote {out}: " + ", ".join(f"{n} {s} utterances" for s, n in lines.items()))
+    return 0
+
+
 def _report(directory: Path) -> int:
     from comodal.platform.report import write_report
 
@@ -130,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_compare(args)
         if args.command == "report":
             return _report(Path(args.dir))
+        if args.command == "data":
+            return _cmd_data(args)
         return _cmd_summarize(args)
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"comodal: error: {err}", file=sys.stderr)

@@ -29,6 +29,8 @@ class ModalityConfig:
     n_mels: int = 40
     dim: int = 64  # width of a small trainable encoder, or of precomputed features
     max_length: int = 32
+    max_seconds: float = 0.0  # audio: keep at most this long (0: everything)
+    freeze_feature_encoder: bool = False  # audio hf, trained: keep its conv front end fixed
 
 
 def _default_modalities() -> dict[str, ModalityConfig]:
@@ -61,8 +63,11 @@ class ClassIncrementalConfig:
 
     dataset: str
     modalities: list[str]
-    increments: list[int]  # classes per task; one number repeats until the classes run out
+    increments: list[int] = field(default_factory=list)  # classes per task; the last repeats
     order: list[int] | None = None  # class ids in arrival order; default ascending
+    # or: tasks by the dataset's class groups (SLURP's scenarios), alphabetically, this many
+    # groups per task
+    groups_per_task: int = 0
 
 
 @dataclass
@@ -89,9 +94,41 @@ class FeaturesConfig:
 
 
 @dataclass
+class SynthFSCConfig:
+    """The synthesised spoken-commands corpus (``comodal.scenarios.synth_fsc``)."""
+
+    seed: int = 0
+    train_speakers: int = 20
+    valid_speakers: int = 4
+    test_speakers: int = 4
+    noise: bool = True
+
+
+@dataclass
+class FSCConfig:
+    """Dataset ``fsc``: a Fluent Speech Commands directory, or (``root: null``) the
+    synthesised corpus, generated under ``<cache_dir>/synth-fsc/`` on first use."""
+
+    root: str | None = None
+    synth: SynthFSCConfig = field(default_factory=SynthFSCConfig)
+    on_error: str = "raise"  # raise | skip (bad rows dropped, counted and reported)
+
+
+@dataclass
+class SlurpConfig:
+    """Dataset ``slurp``: ``{train,devel,test}.jsonl`` and the recordings under ``audio_dir``."""
+
+    root: str | None = None
+    audio_dir: str = "slurp_real"
+    on_error: str = "raise"
+
+
+@dataclass
 class DataConfig:
     cache_dir: str = ".comodal_cache"
     synth_pairs: SynthPairsConfig = field(default_factory=SynthPairsConfig)
+    fsc: FSCConfig = field(default_factory=FSCConfig)
+    slurp: SlurpConfig = field(default_factory=SlurpConfig)
     features: dict[str, FeaturesConfig] = field(default_factory=dict)  # datasets features/<name>
 
 
@@ -270,7 +307,15 @@ def _at_least(where: str, value: float, low: float) -> None:
 
 
 def _check_trainability(name: str, mod: ModalityConfig) -> None:
-    trainable = {"audio": "conv", "vision": "conv", "text": "embedding-bag' or 'hf"}[name]
+    trainable = {"audio": "conv' or 'hf", "vision": "conv", "text": "embedding-bag' or 'hf"}[name]
+    if mod.freeze_feature_encoder and not (name == "audio" and mod.encoder == "hf"
+                                           and mod.frozen is False):
+        raise ConfigError(f"model.modalities.{name}.freeze_feature_encoder: only a trained "
+                          "Hugging Face audio encoder (encoder: hf, frozen: false) has a "
+                          "feature encoder to freeze")
+    if mod.max_seconds < 0:
+        raise ConfigError(f"model.modalities.{name}.max_seconds: must be >= 0, "
+                          f"got {mod.max_seconds}")
     if mod.encoder in ("logmel-stats", "image-stats", "features") and mod.frozen is False:
         raise ConfigError(
             f"model.modalities.{name}.frozen: {mod.encoder!r} is fixed and cannot be trained; "
@@ -286,8 +331,16 @@ def _check_trainability(name: str, mod: ModalityConfig) -> None:
 def _check_numbers(config: RunConfig) -> None:
     for where, number in (
         ("seed", config.seed), ("data.synth_pairs.seed", config.data.synth_pairs.seed),
+        ("data.fsc.synth.seed", config.data.fsc.synth.seed),
     ):
         _at_least(where, number, 0)
+    synth = config.data.fsc.synth
+    for where, number in (("data.fsc.synth.train_speakers", synth.train_speakers),
+                          ("data.fsc.synth.valid_speakers", synth.valid_speakers),
+                          ("data.fsc.synth.test_speakers", synth.test_speakers)):
+        _at_least(where, number, 1)
+    check_choice("data.fsc.on_error", config.data.fsc.on_error, ("raise", "skip"))
+    check_choice("data.slurp.on_error", config.data.slurp.on_error, ("raise", "skip"))
     for where, number in (
         ("train.epochs", config.train.epochs), ("train.batch_size", config.train.batch_size),
         ("eval.pool_size", config.eval.pool_size), ("eval.pool_draws", config.eval.pool_draws),
@@ -385,7 +438,10 @@ def _check_class_incremental(config: RunConfig, ci: ClassIncrementalConfig) -> N
         raise ConfigError(f"{where}.modalities: name the classified modality and optionally "
                           f"its transcript modality, got {ci.modalities!r}")
     _check_modalities(config, where, ci.dataset, ci.modalities)
-    if not ci.increments or min(ci.increments) < 1:
+    if bool(ci.increments) == bool(ci.groups_per_task):
+        raise ConfigError(f"{where}: give increments (classes per task) or groups_per_task, "
+                          "exactly one of them")
+    if (ci.increments and min(ci.increments) < 1) or ci.groups_per_task < 0:
         raise ConfigError(f"{where}.increments: classes per task must be positive integers, "
                           f"got {ci.increments!r}")
     if ci.order is not None and len(set(ci.order)) != len(ci.order):

@@ -18,6 +18,8 @@ import torchaudio
 from einops import reduce
 from torch import nn
 
+from comodal.errors import ConfigError
+
 ENVELOPE_BINS = 10
 
 
@@ -63,7 +65,7 @@ def load_hf(path: Path, what: str) -> Any:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: not a Hugging Face model directory (no config.json); point "
-            "model.modalities.text.path at a local checkpoint"
+            "model.modalities.<modality>.path at a local checkpoint"
         )
     loader = AutoTokenizer if what == "tokenizer" else AutoModel
     return loader.from_pretrained(str(path), local_files_only=True)
@@ -177,6 +179,50 @@ class HFText(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+class HFAudio(nn.Module):
+    """A Hugging Face speech encoder from a local directory (wav2vec2, HuBERT, or any model
+    with their convolutional feature encoder), on waveforms normalised per utterance, mean-pooled
+    over the frames that come from real samples."""
+
+    def __init__(self, path: Path, freeze_feature_encoder: bool = False) -> None:
+        super().__init__()
+        self.path = path
+        self.model = load_hf(path, "model")
+        config = self.model.config
+        if not hasattr(config, "conv_kernel"):
+            raise ConfigError(f"{path}: {type(self.model).__name__} has no convolutional feature "
+                             "encoder (wav2vec2 or HuBERT expected)")
+        if freeze_feature_encoder:
+            self.model.freeze_feature_encoder()
+        self.out_dim = int(config.hidden_size)
+
+    def fingerprint(self) -> dict:
+        weights = sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin"))
+        return {"extractor": "hf-audio-mean-pool/1", "source": source_digest(HFAudio),
+                "config": _file_digest(self.path / "config.json"),
+                "weights": [_file_digest(p) for p in weights]}
+
+    def frames(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Output frames of the feature encoder for inputs of ``lengths`` samples."""
+        config = self.model.config
+        for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        return lengths.clamp(min=1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        wave, lengths = batch["wave"], batch["lengths"]
+        valid = (torch.arange(wave.shape[1], device=wave.device)[None] < lengths[:, None]).float()
+        mean = (wave * valid).sum(1, keepdim=True) / lengths[:, None]
+        var = (((wave - mean) * valid) ** 2).sum(1, keepdim=True) / lengths[:, None]
+        wave = (wave - mean) / (var + 1e-7).sqrt() * valid
+        layer_norm = getattr(self.model.config, "feat_extract_norm", "") == "layer"
+        hidden = self.model(wave, attention_mask=valid.long() if layer_norm else None)
+        hidden = hidden.last_hidden_state
+        frames = self.frames(lengths).clamp(max=hidden.shape[1])
+        mask = torch.arange(hidden.shape[1], device=wave.device)[None] < frames[:, None]
+        return (hidden * mask[..., None]).sum(1) / frames[:, None]
+
+
 class TextEmbeddingBag(nn.Module):
     """A trainable bag of token embeddings (tokenised with a local Hugging Face tokenizer)."""
 
@@ -191,14 +237,17 @@ class TextEmbeddingBag(nn.Module):
 
 
 class AudioConv(nn.Module):
-    """Log-mel front end and a dilated temporal convolution stack, mean-pooled over time."""
+    """Log-mel front end, normalised per utterance and band over its real frames, and a
+    dilated temporal convolution stack, mean-pooled over time."""
+
+    DILATIONS = (1, 2, 4, 8)
 
     def __init__(self, sample_rate: int, n_mels: int, dim: int) -> None:
         super().__init__()
         self.mel = log_mel(sample_rate, n_mels)
         layers: list[nn.Module] = []
         channels = n_mels
-        for dilation in (1, 2, 4):
+        for dilation in self.DILATIONS:
             layers += [nn.Conv1d(channels, dim, 3, padding=dilation, dilation=dilation),
                        nn.BatchNorm1d(dim), nn.ReLU()]
             channels = dim
@@ -206,10 +255,14 @@ class AudioConv(nn.Module):
         self.out_dim = dim
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.net(torch.log(self.mel(batch["wave"]) + 1e-5))  # [B, dim, frames]
-        frames = valid_frames(batch["lengths"], self.mel.hop_length, hidden.shape[-1])
-        mask = torch.arange(hidden.shape[-1], device=hidden.device)[None] < frames[:, None]
-        return (hidden * mask[:, None]).sum(-1) / frames[:, None]
+        logmel = torch.log(self.mel(batch["wave"]) + 1e-5)  # [B, mels, frames]
+        frames = valid_frames(batch["lengths"], self.mel.hop_length, logmel.shape[-1])
+        mask = (torch.arange(logmel.shape[-1], device=logmel.device)[None]
+                < frames[:, None])[:, None].float()
+        mean = (logmel * mask).sum(-1, keepdim=True) / frames[:, None, None]
+        var = (((logmel - mean) * mask) ** 2).sum(-1, keepdim=True) / frames[:, None, None]
+        hidden = self.net((logmel - mean) / (var + 1e-5).sqrt() * mask)  # [B, dim, frames]
+        return (hidden * mask).sum(-1) / frames[:, None]
 
 
 class VisionConv(nn.Module):

@@ -40,7 +40,7 @@ class FeatureCache:
         self, dataset_fingerprint: str, split: str, modality: Modality, values: Sequence[Any]
     ) -> torch.Tensor:
         """Cached features of ``values`` under ``modality``'s frozen backbone (computed once)."""
-        backbone = modality.frozen.fingerprint()
+        backbone = modality.fingerprint()
         key = self.key(dataset_fingerprint, split, modality.name, backbone)
         path = self.root / f"{key}.pt"
         if path.is_file():

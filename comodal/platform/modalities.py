@@ -18,6 +18,7 @@ from comodal.config import ModalityConfig
 from comodal.errors import ConfigError, DataError
 from comodal.platform.encoders import (
     AudioConv,
+    HFAudio,
     HFText,
     ImageStats,
     LogMelStats,
@@ -30,7 +31,7 @@ from comodal.platform.encoders import (
 )
 
 ENCODERS: dict[str, tuple[str, ...]] = {
-    "audio": ("logmel-stats", "conv", "features"),
+    "audio": ("logmel-stats", "conv", "hf", "features"),
     "text": ("hf", "embedding-bag", "features"),
     "vision": ("image-stats", "conv", "features"),
 }
@@ -54,6 +55,15 @@ class Modality:
             self.frozen = LogMelStats(config.sample_rate, config.n_mels)
         elif name == "audio" and choice == "conv":
             self.trainable = AudioConv(config.sample_rate, config.n_mels, config.dim)
+        elif name == "audio" and choice == "hf":
+            if not config.path:
+                raise ConfigError("model.modalities.audio.path: the hf audio encoder needs a "
+                                  "local Hugging Face directory (wav2vec2, HuBERT, ...)")
+            audio = HFAudio(Path(config.path), config.freeze_feature_encoder)
+            if config.frozen is False:
+                self.trainable = audio
+            else:
+                self.frozen = audio.eval().requires_grad_(False)
         elif name == "vision" and choice == "image-stats":
             self.frozen = ImageStats()
         elif name == "vision" and choice == "conv":
@@ -74,6 +84,15 @@ class Modality:
 
     def text_dir(self) -> Path:
         return Path(self.config.path) if self.config.path else default_text_model_dir()
+
+    def fingerprint(self) -> dict:
+        """What determines the frozen backbone's output: the backbone and, for audio, the
+        preprocessing (rate and crop)."""
+        fingerprint = self.frozen.fingerprint()
+        if self.name == "audio":
+            fingerprint |= {"rate": self.config.sample_rate,
+                            "max_seconds": self.config.max_seconds}
+        return fingerprint
 
     @property
     def out_dim(self) -> int:
@@ -112,6 +131,8 @@ class Modality:
             raise DataError(f"{where}: audio waveform is empty or not finite")
         if rate != self.config.sample_rate:
             wave = torchaudio.functional.resample(wave, rate, self.config.sample_rate)
+        if self.config.max_seconds:
+            wave = wave[: int(self.config.max_seconds * self.config.sample_rate)]
         return wave
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ class Splits:
     test: MultimodalDataset
     class_names: list[str] | None = None
     class_texts: list[str] | None = None
+    class_groups: list[str] | None = None  # a group per class (SLURP: the scenario)
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ def register_dataset(spec: DatasetSpec) -> None:
 
 
 def _load_builtin() -> None:
-    from comodal.scenarios import synth_pairs  # noqa: F401  (registers its datasets)
+    from comodal.scenarios import slu_datasets, synth_pairs  # noqa: F401  (register datasets)
 
 
 def dataset_names(data: DataConfig | None = None) -> list[str]:
@@ -74,8 +76,10 @@ def build_scenario(config: RunConfig) -> Scenario:
     ci = config.scenario.class_incremental
     if ci is not None:
         splits = dataset_spec(ci.dataset, config.data).build(config.data, config.progress)
-        return class_incremental(splits, ci.dataset, tuple(ci.modalities), ci.increments,
-                                 ci.order)
+        order, increments = ci.order, ci.increments
+        if ci.groups_per_task:
+            order, increments = group_order(splits, ci.groups_per_task)
+        return class_incremental(splits, ci.dataset, tuple(ci.modalities), increments, order)
     tasks, built = [], {}
     for i, tc in enumerate(config.scenario.tasks):
         if tc.dataset not in built:
@@ -90,23 +94,42 @@ def build_scenario(config: RunConfig) -> Scenario:
 
 def class_groups(num_classes: int, increments: list[int],
                  order: list[int] | None = None) -> list[list[int]]:
-    """Classes per task: ``order`` (default ascending) cut by ``increments``; a single
-    increment repeats until the classes run out."""
+    """Classes per task: ``order`` (default ascending) cut by ``increments``; the last
+    increment repeats while classes remain (the final task may be smaller)."""
     where = "scenario.class_incremental"
     order = list(range(num_classes)) if order is None else list(order)
     bad = [c for c in order if not 0 <= c < num_classes]
     if bad:
         raise ConfigError(f"{where}.order: class {bad[0]} is not a class of the dataset "
                           f"(ids 0..{num_classes - 1})")
-    sizes = increments if len(increments) > 1 else [increments[0]] * -(-len(order) // increments[0])
-    if sum(sizes) != len(order) and len(increments) > 1:
-        raise ConfigError(f"{where}.increments: {increments} adds up to {sum(sizes)} classes, "
-                          f"but the order has {len(order)}")
+    if sum(increments) > len(order):
+        raise ConfigError(f"{where}.increments: {increments} adds up to {sum(increments)} "
+                          f"classes, but the order has {len(order)}")
     groups, start = [], 0
-    for size in sizes:
+    for k in itertools.count():
+        if start >= len(order):
+            break
+        size = increments[min(k, len(increments) - 1)]
         groups.append(order[start:start + size])
         start += size
     return groups
+
+
+def group_order(splits: Splits, per_task: int) -> tuple[list[int], list[int]]:
+    """Class order and increments for tasks of ``per_task`` class groups each (groups in
+    alphabetical order, classes by id within a group)."""
+    if not splits.class_groups:
+        raise ConfigError("scenario.class_incremental.groups_per_task: this dataset has no "
+                          "class groups (SLURP's scenarios are one)")
+    names = sorted(set(splits.class_groups))
+    order, increments = [], []
+    for start in range(0, len(names), per_task):
+        chunk = set(names[start:start + per_task])
+        members = [c for c, g in enumerate(splits.class_groups) if g in chunk]
+        members.sort(key=lambda c: (splits.class_groups[c], c))
+        order += members
+        increments.append(len(members))
+    return order, increments
 
 
 def class_incremental(splits: Splits, dataset: str, modalities: tuple[str, ...],
