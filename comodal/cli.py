@@ -106,7 +106,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from comodal.platform.compare import execute, parse_stacks, plan
     from comodal.platform.results import atomic_write_text
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, check=False)  # each run is checked
     if args.workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-compare")

@@ -274,8 +274,11 @@ def merge(defaults: dict, given: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply overrides and validate everything that can be checked."""
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
+                check: bool = True) -> RunConfig:
+    """Read a YAML run config, apply overrides and validate everything that can be checked
+    (``check=False`` leaves the cross-field checks to the caller: a comparison validates each
+    of its runs instead)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -291,7 +294,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     for assignment in overrides:
         apply_override(data, assignment)
     config = from_dict(RunConfig, data)
-    validate(config)
+    if check:
+        validate(config)
     return config
 
 

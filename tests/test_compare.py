@@ -233,3 +233,22 @@ def test_own_features_with_mismatched_rows_or_ids_are_clear_errors(
         (tmp_path / "index.csv").write_text(text)
     with pytest.raises(DataError, match=message):
         run(_load(_byo_config(tmp_path, features), tmp_path))
+
+
+def test_a_plan_gives_each_stack_its_own_options(tiny: dict, tmp_path: Path) -> None:
+    from comodal.config import load_config
+    from comodal.errors import ConfigError
+    from comodal.platform.compare import plan
+
+    tiny["strategy_args"] = {"er": {"size": 10}, "relation_kd": {"weight": 2.0}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny))
+    config = load_config(path, check=False)  # finetune alone would refuse these options
+    runs = plan(config, ["finetune", "er+relation_kd"], 2, tmp_path / "out")
+    assert [(r.stack, r.seed) for r in runs] == [("finetune", 0), ("finetune", 1),
+                                                 ("er+relation_kd", 0), ("er+relation_kd", 1)]
+    assert runs[0].config.strategy_args == {}
+    assert runs[2].config.strategy_args == tiny["strategy_args"]
+    assert runs[3].out == tmp_path / "out" / "er+relation_kd" / "seed1"
+    with pytest.raises(ConfigError, match="strategy_args.relation_kd: 'relation_kd' is in no"):
+        plan(config, ["finetune", "er"], 1, tmp_path / "out")

@@ -207,8 +207,9 @@ def test_pair_strategies_are_refused_on_a_class_incremental_stream(tiny: dict,
 def test_class_groups_follow_the_order_and_increments() -> None:
     assert class_groups(5, [2]) == [[0, 1], [2, 3], [4]]
     assert class_groups(5, [1, 4], [4, 3, 2, 1, 0]) == [[4], [3, 2, 1, 0]]
-    with pytest.raises(ConfigError, match="adds up to 4"):
-        class_groups(5, [2, 2], None)
+    assert class_groups(5, [3, 1]) == [[0, 1, 2], [3], [4]]  # the last increment repeats
+    with pytest.raises(ConfigError, match="adds up to 6"):
+        class_groups(5, [3, 3], None)
     with pytest.raises(ConfigError, match="class 7"):
         class_groups(5, [5], [0, 1, 2, 3, 7])
 

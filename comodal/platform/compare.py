@@ -47,6 +47,11 @@ def plan(config: RunConfig, stacks: list[str], seeds: int, out: Path) -> list[Pl
     config's ``strategy_args`` go to the stacks that contain each strategy."""
     if seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {seeds}")
+    named = {n for stack in stacks for n in stack.split("+")}
+    for name in config.strategy_args:
+        if name not in named:
+            raise ConfigError(f"strategy_args.{name}: {name!r} is in no --strategies entry "
+                              f"({', '.join(stacks)})")
     runs = []
     for stack in stacks:
         names = stack.split("+")

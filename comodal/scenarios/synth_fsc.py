@@ -12,9 +12,11 @@ seed and every speaker's settings. Deterministic for a seed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import ctypes
 import json
+import multiprocessing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -167,8 +169,15 @@ class SynthFSCSpec:
 
 
 def generate(out: Path, spec: SynthFSCSpec = SynthFSCSpec(), progress: bool = True) -> Path:
-    """Write the corpus under ``out`` (FSC layout); returns ``out``."""
-    out = Path(out)
+    """Write the corpus under ``out`` (FSC layout); returns ``out``. The synthesis runs in a
+    fresh process: eSpeak's Klatt voices draw noise from a generator the library seeds once
+    per process, so only a fresh process makes the same files for the same seed."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_generate, Path(out), spec, progress).result()
+
+
+def _generate(out: Path, spec: SynthFSCSpec, progress: bool) -> Path:
     counts = {"train": spec.train_speakers, "valid": spec.valid_speakers,
               "test": spec.test_speakers}
     speakers = make_speakers(sum(counts.values()), spec.seed, spec.noise)
