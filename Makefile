@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check comodal tests benchmarks
+	$(BIN)/ruff check comodal tests benchmarks examples
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/trainer_overhead.py

@@ -445,6 +445,9 @@ def _check_class_incremental(config: RunConfig, ci: ClassIncrementalConfig) -> N
     if bool(ci.increments) == bool(ci.groups_per_task):
         raise ConfigError(f"{where}: give increments (classes per task) or groups_per_task, "
                           "exactly one of them")
+    if ci.groups_per_task and ci.order is not None:
+        raise ConfigError(f"{where}.order: groups_per_task orders the classes by group; "
+                          "leave order unset")
     if (ci.increments and min(ci.increments) < 1) or ci.groups_per_task < 0:
         raise ConfigError(f"{where}.increments: classes per task must be positive integers, "
                           f"got {ci.increments!r}")

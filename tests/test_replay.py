@@ -232,8 +232,9 @@ def test_stacked_strategies_run_their_hooks_in_config_order(tiny: dict, tmp_path
     er, rkd = trainer.plugins
     assert isinstance(er, ER) and isinstance(rkd, RelationKD)
     assert trainer._hooks["before_backward"] == [er.before_backward, rkd.before_backward]
-    assert trainer._hooks["before_training_exp"] == [er.before_training_exp,
-                                                     rkd.before_training_exp]
+    assert trainer._hooks["after_training_exp"] == [er.after_training_exp,
+                                                    rkd.after_training_exp]
+    assert trainer._hooks["before_training"] == [rkd.before_training]  # its teacher
 
 
 class Recorder(RelationKD):
@@ -279,8 +280,11 @@ class TeacherWatch(KD):
     """kd that checks its teacher is frozen and bitwise unchanged through the task."""
 
     def before_training_exp(self, strategy, **kwargs) -> None:  # noqa: ANN001
-        super().before_training_exp(strategy, **kwargs)
         self.start = None if self.teacher is None else copy.deepcopy(self.teacher.state_dict())
+        if self.teacher is not None:  # the model before this task's classes were grown
+            assert len(self.teacher.class_ids) < len(strategy.model.class_ids)
+            assert torch.equal(self.teacher.class_ids,
+                               strategy.model.class_ids[: len(self.teacher.class_ids)])
 
     def after_training_exp(self, strategy, **kwargs) -> None:  # noqa: ANN001
         if self.teacher is not None:

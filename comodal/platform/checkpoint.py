@@ -29,9 +29,12 @@ PATTERN = re.compile(r"after_task_(\d+)\.pt$")
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": random.getstate()}
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
@@ -41,6 +44,8 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save(directory: Path, trainer: Any, rows: list, config: str) -> Path:
@@ -71,7 +76,7 @@ def latest(directory: Path, config: str) -> dict[str, Any] | None:
     if not found:
         return None
     path = found[-1][1]
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != config:
         raise ConfigError(f"{path}: this checkpoint is from a run with another config; resume "
                           "with that config, or write the new run elsewhere (--out)")
@@ -81,7 +86,7 @@ def latest(directory: Path, config: str) -> dict[str, Any] | None:
 def restore(trainer: Any, state: dict[str, Any]) -> list:
     """Put the trainer where it was after the checkpoint's task; returns the rows so far."""
     trainer.model.grow(state["class_ids"])
-    trainer.model.load_state_dict(state["model"])
+    trainer.model.load_state_dict(state["model"])  # copies onto the model's device
     for plugin, plugin_state in zip(trainer.plugins, state["strategies"], strict=True):
         if plugin_state is not None:
             plugin.load_state_dict(plugin_state)

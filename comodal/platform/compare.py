@@ -92,11 +92,20 @@ def execute(runs: list[Planned], workers: int = 1, progress: bool = True) -> dic
         threads = max(1, (os.cpu_count() or 1) // workers)
         for r in todo:
             r.config.progress = False  # one bar per run would interleave across processes
+        if todo:  # generate corpora and cache features once, not in every worker
+            from comodal.platform.run import build_trainer
+            from comodal.scenarios.registry import build_scenario
+
+            build_trainer(todo[0].config).prepare(build_scenario(todo[0].config))
         context = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [pool.submit(_run_one, r.config, threads) for r in todo]
-            for future in cf.as_completed(futures):
-                future.result()
-                bar.update()
+            try:
+                for future in cf.as_completed(futures):
+                    future.result()
+                    bar.update()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
     bar.close()
     return {"trained": len(todo), "skipped": len(runs) - len(todo)}

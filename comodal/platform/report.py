@@ -98,8 +98,8 @@ def best(table: dict[str, dict[str, tuple]], runs: dict) -> dict[str, set[str]]:
 
 
 def hyperparameters(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
-    """Per stack, ``strategy.option = value`` for every resolved strategy option whose value
-    is not the same in every stack that has it, plus config fields that differ."""
+    """Per stack, ``strategy.option = value`` for every resolved strategy option that is not
+    the same in every stack (the runs share everything else: one config)."""
     from comodal.strategies.registry import STRATEGIES
 
     flat: dict[str, dict[str, Any]] = {}
@@ -218,7 +218,8 @@ def plot_stream(runs: dict[str, list[dict[str, Any]]]) -> plt.Figure:
             continue
         for stack, rs in runs.items():
             values = np.array([_matrix(r, metric)[:, j] for r in rs])
-            mean, std = values.mean(0), values.std(0)
+            mean = values.mean(0)
+            std = values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
             ax.plot(steps, mean, marker="o", markersize=3, label=stack)
             ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
         ax.axvline(j + 1, color="grey", linestyle=":", linewidth=1)
@@ -246,8 +247,8 @@ def plot_tradeoff(runs: dict[str, list[dict[str, Any]]]) -> plt.Figure:
     for stack, rs in runs.items():
         x = [_value(r, metric, "bwt") for r in rs]
         y = [_value(r, metric, "plasticity") for r in rs]
-        ax.errorbar(np.mean(x), np.mean(y), xerr=np.std(x), yerr=np.std(y), fmt="o",
-                    capsize=3)
+        spread = (np.std(x, ddof=1), np.std(y, ddof=1)) if len(rs) > 1 else (0.0, 0.0)
+        ax.errorbar(np.mean(x), np.mean(y), xerr=spread[0], yerr=spread[1], fmt="o", capsize=3)
         ax.annotate(stack, (np.mean(x), np.mean(y)), textcoords="offset points",
                     xytext=(6, 5), fontsize=9,
                     bbox={"boxstyle": "round,pad=0.1", "fc": "white", "alpha": 0.7, "lw": 0})

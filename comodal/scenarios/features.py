@@ -57,12 +57,18 @@ def read_index(path: Path, where: str) -> tuple[list[str], list[str], list[int] 
                 try:
                     labels.append(int(row["label"]))
                 except (TypeError, ValueError):
+                    labels.append(-1)
+                if labels[-1] < 0:
                     raise DataError(f"{where}: {path} line {line}: label {row['label']!r} is not "
-                                    "an integer") from None
+                                    "a class id (an integer >= 0)")
     if not ids:
         raise DataError(f"{where}: {path} lists no items")
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{where}: {path} lists an id twice")
+    seen: dict[str, int] = {}
+    for line, item in enumerate(ids, start=2):
+        if item in seen:
+            raise DataError(f"{where}: {path} line {line}: id {item!r} is also on line "
+                            f"{seen[item]}")
+        seen[item] = line
     return ids, splits, labels if has_label else None
 
 
@@ -74,7 +80,7 @@ def read_array(path: Path, where: str) -> tuple[torch.Tensor, list[str] | None]:
     if path.suffix == ".npy":
         try:
             array = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise DataError(f"{where}: {path} is not a readable .npy array ({err})") from None
         sidecar = path.with_name(path.name + ".ids")
         if sidecar.is_file():
@@ -95,7 +101,13 @@ def read_array(path: Path, where: str) -> tuple[torch.Tensor, list[str] | None]:
         except SafetensorError as err:
             raise DataError(f"{where}: {path} is not a readable .safetensors file ({err})") \
                 from None
-        ids = json.loads(meta["ids"]) if "ids" in meta else None
+        if "ids" in meta:
+            try:
+                ids = json.loads(meta["ids"])
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: {path} metadata 'ids' is not JSON ({err})") from None
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise DataError(f"{where}: {path} metadata 'ids' must be a JSON list of strings")
     else:
         raise DataError(f"{where}: {path} must be a .npy or .safetensors file")
     if array.dim() != 2:
@@ -126,7 +138,7 @@ def load_features(name: str, cfg: FeaturesConfig) -> tuple[MultimodalDataset, Mu
             for row, (got, want) in enumerate(zip(row_ids, ids, strict=True)):
                 if got != want:
                     raise DataError(f"{where}.modalities.{modality}: {path} row {row} has id "
-                                    f"{got!r} where {index} has {want!r}")
+                                    f"{got!r} where {index} line {row + 2} has {want!r}")
         columns[modality] = array
         stat = path.stat()
         digest.update(f"{modality}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())

@@ -85,14 +85,16 @@ class Rows:
         self.labels.append(label)
         self.speakers.append(speaker)
 
-    def dataset(self, name: str, fingerprint: str, what: str) -> MultimodalDataset:
+    def dataset(self, name: str, source: str, what: str) -> MultimodalDataset:
+        """The checked rows; the fingerprint covers ``source`` and every kept file."""
         if self.skipped:
             print(f"comodal: {what}: skipped {len(self.skipped)} rows (on_error: skip); first: "
                   + "; ".join(self.skipped[:3]), file=sys.stderr)
         if not self.paths:
             raise DataError(f"{what}: no usable rows")
+        kept = hashlib.sha256("\n".join(map(str, self.paths)).encode()).hexdigest()[:12]
         return MultimodalDataset(
-            name, fingerprint,
+            name, f"{source}-{kept}",
             {"audio": AudioFiles(self.paths, self.where), "text": self.texts},
             torch.tensor(self.labels),
             {"speaker": self.speakers, "path": [str(p) for p in self.paths]},
@@ -136,7 +138,7 @@ def read_fsc(root: Path, split: str, on_error: str = "raise") -> MultimodalDatas
                 rows.problem(f"{where}: {reason}", on_error)
                 continue
             rows.add(audio, where, row["transcription"], FSC_INTENTS[intent], row["speakerId"])
-    return rows.dataset("fsc", f"fsc-{_digest(path)}-{root.resolve()}", f"FSC {split}")
+    return rows.dataset("fsc", f"fsc-{_digest(path)}", f"FSC {split}")
 
 
 def fsc_class_names() -> list[str]:
@@ -201,4 +203,4 @@ def read_slurp(root: Path, split: str, intents: SlurpIntents, audio_dir: str = "
                 continue
             rows.add(audio, where, record["sentence"], index[record["intent"]],
                      str(recording.get("speaker", record.get("slurp_id", ""))))
-    return rows.dataset("slurp", f"slurp-{_digest(path)}-{root.resolve()}", f"SLURP {split}")
+    return rows.dataset("slurp", f"slurp-{_digest(path)}", f"SLURP {split}")

@@ -32,8 +32,9 @@ def synth_fsc_root(data: DataConfig, progress: bool = True) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
         try:
             synth_fsc.generate(tmp, spec, progress)
-            shutil.rmtree(root, ignore_errors=True)
-            tmp.rename(root)
+            if not (root / "synth_fsc.json").is_file():  # another process may have finished
+                shutil.rmtree(root, ignore_errors=True)
+                tmp.rename(root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -113,6 +113,9 @@ def make_speakers(n: int, seed: int, noise: bool) -> list[Speaker]:
     """``n`` distinct speakers drawn from a seeded generator."""
     rng = np.random.default_rng(seed)
     voices = [f"{a}+{v}" for a in ACCENTS for v in VARIANTS]
+    if n > len(voices):
+        raise DataError(f"synth-fsc: at most {len(voices)} speakers (eSpeak accents x voice "
+                        f"variants), asked for {n}")
     chosen = rng.choice(len(voices), size=n, replace=False)
     return [Speaker(id=f"synth{k:02d}{VARIANTS[i % len(VARIANTS)].lower()}",
                     voice=voices[i], pitch=int(rng.integers(25, 76)),

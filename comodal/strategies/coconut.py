@@ -62,6 +62,9 @@ class COCONUT(ER):
                               "to scenario.class_incremental.modalities or set "
                               "strategy_args.coconut.mm_weight: 0)")
         super().before_training_exp(strategy, **kwargs)
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        """The teacher: the model at the task's start, before its classes are grown."""
         self.teacher = frozen_copy(strategy.model) if strategy.experience_index > 0 else None
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:

@@ -39,13 +39,14 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class TeacherStrategy(Strategy):
-    """Keeps ``teacher``, a frozen copy of the model taken before each task after the first."""
+    """Keeps ``teacher``, a frozen copy of the model taken at the start of each task after the
+    first (``before_training``: before the classifier grows the task's classes)."""
 
     def __init__(self, config: object | None = None) -> None:
         super().__init__(config)
         self.teacher: torch.nn.Module | None = None
 
-    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
         self.teacher = frozen_copy(strategy.model) if strategy.experience_index > 0 else None
 
 
@@ -69,6 +70,10 @@ class KDConfig:
         check_choice("strategy_args.kd.prediction", self.prediction, SCOPES)
         if self.temperature <= 0:
             raise ConfigError(f"strategy_args.kd.temperature: must be > 0, got {self.temperature}")
+        for field in ("feature_weight", "prediction_weight"):
+            if (getattr(self, field) or 0) < 0:
+                raise ConfigError(f"strategy_args.kd.{field}: must be >= 0, "
+                                  f"got {getattr(self, field)}")
 
     @property
     def needs_buffer(self) -> bool:

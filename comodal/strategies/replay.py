@@ -103,9 +103,8 @@ class ER(Strategy):
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
         """Forward the side batches (memory of other modality pairs) with the batch."""
-        side = strategy.mbatch.get("replay") or []
-        strategy.replay_outputs = [(batch, strategy.forward(strategy.to_device(batch)))
-                                   for batch in side]
+        side = [strategy.to_device(b) for b in strategy.mbatch.get("replay") or []]
+        strategy.replay_outputs = [(batch, strategy.forward(batch)) for batch in side]
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         outputs = getattr(strategy, "replay_outputs", [])
@@ -122,7 +121,10 @@ class ER(Strategy):
         modalities = task.modalities[:1] if task.kind == "classify" else task.modalities
 
         def features() -> torch.Tensor:
+            was_training = strategy.model.training
+            strategy.model.eval()  # no batch-norm statistics updated, no dropout
             z = strategy.embed(task.train, modalities)
+            strategy.model.train(was_training)
             return torch.cat([z[m] for m in modalities], dim=1)
 
         self.buffer.add_task(index, task.train.labels, features, strategy.generator)
