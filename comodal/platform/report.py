@@ -180,7 +180,7 @@ def plot_matrices(runs: dict[str, list[dict[str, Any]]]) -> plt.Figure:
     means = {s: np.nanmean([_matrix(r, metric) for r in rs], axis=0) for s, rs in runs.items()}
     top = max(0.05, float(np.nanmax([np.nanmax(m) for m in means.values()])))
     n, t = len(runs), len(tasks)
-    cols = min(n, 4)
+    cols = min(n, 4 if t <= 5 else 3 if t <= 7 else 2)  # figures no wider than about 18 in
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, squeeze=False, constrained_layout=True,
                              figsize=(1.6 + 0.75 * (t + 1) * cols, 1.2 + 0.5 * (t + 2) * rows))
@@ -244,13 +244,13 @@ def plot_tradeoff(runs: dict[str, list[dict[str, Any]]]) -> plt.Figure:
     """Plasticity against BWT, one labelled point per stack with ± std bars over seeds."""
     metric = headline(runs)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for stack, rs in runs.items():
+    for i, (stack, rs) in enumerate(runs.items()):
         x = [_value(r, metric, "bwt") for r in rs]
         y = [_value(r, metric, "plasticity") for r in rs]
         spread = (np.std(x, ddof=1), np.std(y, ddof=1)) if len(rs) > 1 else (0.0, 0.0)
         ax.errorbar(np.mean(x), np.mean(y), xerr=spread[0], yerr=spread[1], fmt="o", capsize=3)
         ax.annotate(stack, (np.mean(x), np.mean(y)), textcoords="offset points",
-                    xytext=(6, 5), fontsize=9,
+                    xytext=(6, 5 if i % 2 == 0 else -14), fontsize=9,  # neighbours apart
                     bbox={"boxstyle": "round,pad=0.1", "fc": "white", "alpha": 0.7, "lw": 0})
     ax.set_xlabel(f"BWT of {LABELS[metric]} (stability: higher forgets less)")
     ax.set_ylabel(f"Plasticity of {LABELS[metric]} (mean R[j, j])")
