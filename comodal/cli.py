@@ -121,7 +121,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from comodal.scenarios.synth_fsc import SynthFSCSpec, generate
+    from comodal.config import SynthFSCConfig
+    from comodal.scenarios.synth_fsc import generate
 
     counts = (args.train_speakers, args.valid_speakers, args.test_speakers)
     if min(counts) < 1:
@@ -129,7 +130,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "data").exists():
         raise ConfigError(f"--out: {out} already holds a corpus (data/); choose a new directory")
-    spec = SynthFSCSpec(args.seed, *counts, noise=not args.no_noise)
+    spec = SynthFSCConfig(args.seed, *counts, noise=not args.no_noise)
     generate(out, spec)
     lines = {s: sum(1 for _ in (out / "data" / f"{s}_data.csv").open()) - 1
              for s in ("train", "valid", "test")}

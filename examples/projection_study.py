@@ -105,14 +105,18 @@ def table(variants: list, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    mode = sys.argv[1] if len(sys.argv) > 1 else "compare"
-    variants, seeds = (SWEEP, [0]) if mode == "sweep" else (COMPARE, [0, 1, 2])
-    text = table(variants, seeds)
-    out = ROOT / "results" / f"projection_{mode}.md"
+def write_result(name: str, seeds: list[int], text: str) -> None:
+    """A study's table under ``examples/results/<name>.md``, with the seeds it used."""
+    out = ROOT / "results" / f"{name}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(f"seeds: {seeds}\n\n{text}")
     print(f"\nwrote {out}")
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "compare"
+    variants, seeds = (SWEEP, [0]) if mode == "sweep" else (COMPARE, [0, 1, 2])
+    write_result(f"projection_{mode}", seeds, table(variants, seeds))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from projection_study import fmt
+from projection_study import fmt, write_result
 
 from comodal.config import load_config
 from comodal.platform.run import run
@@ -84,11 +84,7 @@ def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "pairs"
     if mode not in COLUMNS:
         sys.exit(f"usage: replay_study.py pairs|classes (got {mode!r})")
-    text = table(mode, PAIRS if mode == "pairs" else CLASSES)
-    out = ROOT / "results" / f"replay_{mode}.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(f"seeds: {SEEDS}\n\n{text}")
-    print(f"\nwrote {out}")
+    write_result(f"replay_{mode}", SEEDS, table(mode, PAIRS if mode == "pairs" else CLASSES))
 
 
 if __name__ == "__main__":

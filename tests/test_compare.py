@@ -10,18 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import class_incremental, load_dict
 
 from comodal.config import load_config
 from comodal.platform.run import build_trainer, identity
 from comodal.scenarios.registry import build_scenario
 from comodal.strategies.base import Strategy
 from comodal.strategies.registry import build_strategies
-
-
-def _load(config: dict, tmp_path: Path):  # noqa: ANN202
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return load_config(path)
 
 
 class Kill(Strategy):
@@ -38,23 +33,13 @@ class Kill(Strategy):
             raise KeyboardInterrupt
 
 
-def _ci(tiny: dict) -> dict:
-    config = copy.deepcopy(tiny)
-    config["model"]["modalities"] = {"vision": {"encoder": "image-stats"},
-                                     "text": {"encoder": "hf"}}
-    config["scenario"] = {"class_incremental": {"dataset": "synth-pairs/all",
-                                                "modalities": ["vision", "text"],
-                                                "increments": [8]}}
-    return config
-
-
 @pytest.mark.parametrize("kind,stack", [("pairs", ["er", "dns"]), ("classes", ["coconut", "kd"])])
 def test_a_run_killed_after_a_task_resumes_to_the_uninterrupted_metrics(
         tiny: dict, tmp_path: Path, kind: str, stack: list[str]) -> None:
-    base = tiny if kind == "pairs" else _ci(tiny)
+    base = tiny if kind == "pairs" else class_incremental(tiny)
     base["train"]["epochs"] = 2
     base["strategies"] = stack
-    config = _load(base, tmp_path)
+    config = load_dict(base, tmp_path)
     scenario = build_scenario(config)
 
     def trainer(kill_at: int | None):  # noqa: ANN202
@@ -78,7 +63,7 @@ def test_a_checkpoint_of_another_config_is_refused(tiny: dict, tmp_path: Path) -
     from comodal.errors import ConfigError
 
     tiny["train"]["epochs"] = 1
-    config = _load(tiny, tmp_path)
+    config = load_dict(tiny, tmp_path)
     build_trainer(config).fit(build_scenario(config), tmp_path / "ck", identity(config))
     config.train.lr = 0.5
     with pytest.raises(ConfigError, match="another config"):
@@ -197,7 +182,7 @@ def test_own_features_run_a_two_task_scenario(tmp_path: Path) -> None:
     from comodal.platform.run import run
 
     features = _write_features(tmp_path)
-    result = run(_load(_byo_config(tmp_path, features), tmp_path))
+    result = run(load_dict(_byo_config(tmp_path, features), tmp_path))
     r1 = result.matrices["recall@1"]
     assert r1.shape == (3, 2)
     assert r1[1, 0] > 0.2 and r1[2, 1] > 0.2  # 60 test items: chance is 0.017
@@ -232,11 +217,10 @@ def test_own_features_with_mismatched_rows_or_ids_are_clear_errors(
         text = (tmp_path / "index.csv").read_text().replace("a5,train", "a5,dev")
         (tmp_path / "index.csv").write_text(text)
     with pytest.raises(DataError, match=message):
-        run(_load(_byo_config(tmp_path, features), tmp_path))
+        run(load_dict(_byo_config(tmp_path, features), tmp_path))
 
 
 def test_a_plan_gives_each_stack_its_own_options(tiny: dict, tmp_path: Path) -> None:
-    from comodal.config import load_config
     from comodal.errors import ConfigError
     from comodal.platform.compare import plan
 

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import class_incremental, load_dict
 
-from comodal.config import from_dict, load_config
+from comodal.config import from_dict
 from comodal.errors import ConfigError
 from comodal.platform.losses import NSPT
 from comodal.platform.model import MultimodalEncoder
@@ -29,25 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ci_config(tiny: dict, tmp_path: Path, strategies: list[str], **args: dict) -> dict:
-    config = copy.deepcopy(tiny)
-    config["model"]["modalities"] = {"vision": {"encoder": "image-stats"},
-                                     "text": {"encoder": "hf"}}
-    config["scenario"] = {"class_incremental": {"dataset": "synth-pairs/all",
-                                                "modalities": ["vision", "text"],
-                                                "increments": [8]}}
+    config = class_incremental(tiny)
     config["train"].update(epochs=10, lr=0.005)
     config["strategies"] = strategies
     config["strategy_args"] = args
     config["out"] = str(tmp_path / "-".join(strategies))
     return config
-
-
-def _load(config: dict, tmp_path: Path):  # noqa: ANN202
-    import yaml
-
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return load_config(path)
 
 
 # ----------------------------------------------------------------------------- buffers
@@ -194,14 +182,14 @@ def test_bad_stacks_are_clear_errors(tiny: dict, strategies: list, args: dict,
                                      message: str, tmp_path: Path) -> None:
     tiny["strategies"], tiny["strategy_args"] = strategies, args
     with pytest.raises(ConfigError, match=message):
-        _load(tiny, tmp_path)
+        load_dict(tiny, tmp_path)
 
 
 def test_pair_strategies_are_refused_on_a_class_incremental_stream(tiny: dict,
                                                                    tmp_path: Path) -> None:
     for name in ("relation_kd", "dns"):
         with pytest.raises(ConfigError, match=f"'{name}' works on pair tasks"):
-            _load(_ci_config(tiny, tmp_path, [name]), tmp_path)
+            load_dict(_ci_config(tiny, tmp_path, [name]), tmp_path)
 
 
 def test_class_groups_follow_the_order_and_increments() -> None:
@@ -227,7 +215,7 @@ def test_classifier_grows_and_keeps_old_rows() -> None:
 # ----------------------------------------------------------------------------- runs
 def test_stacked_strategies_run_their_hooks_in_config_order(tiny: dict, tmp_path: Path) -> None:
     tiny["strategies"] = ["er", "relation_kd"]
-    config = _load(tiny, tmp_path)
+    config = load_dict(tiny, tmp_path)
     trainer = build_trainer(config)
     er, rkd = trainer.plugins
     assert isinstance(er, ER) and isinstance(rkd, RelationKD)
@@ -256,7 +244,7 @@ class Recorder(RelationKD):
 def test_replay_on_pairs_appends_same_pair_rows_and_side_batches_the_others(
         tiny: dict, tmp_path: Path) -> None:
     tiny["train"]["epochs"] = 1
-    config = _load(tiny, tmp_path)
+    config = load_dict(tiny, tmp_path)
     er = ER(from_dict(ERConfig, {"size": 40}))
     recorder = Recorder()
     trainer = build_trainer(config, [er, recorder])
@@ -299,7 +287,7 @@ def ci_runs(tiny_template: dict, tmp_path_factory: pytest.TempPathFactory) -> di
     out = {}
     tmp = tmp_path_factory.mktemp("ci")
     for names in (["finetune"], ["er"], ["coconut", "kd"]):
-        config = _load(_ci_config(tiny_template, tmp, names), tmp)
+        config = load_dict(_ci_config(tiny_template, tmp, names), tmp)
         out["+".join(names)] = run(config)
     return out
 
@@ -314,7 +302,7 @@ def test_class_incremental_finetune_forgets_and_replay_keeps_more(ci_runs: dict)
 
 
 def test_teacher_is_frozen_and_unchanged_through_each_task(tiny: dict, tmp_path: Path) -> None:
-    config = _load(_ci_config(tiny, tmp_path, ["coconut", "kd"]), tmp_path)
+    config = load_dict(_ci_config(tiny, tmp_path, ["coconut", "kd"]), tmp_path)
     config.train.epochs = 1
     coconut, watch = build_strategies(["coconut"], {})[0], TeacherWatch()
     trainer = build_trainer(config, [coconut, watch])
@@ -328,7 +316,7 @@ def test_replay_stacks_with_other_strategies_on_pairs(tiny: dict, tmp_path: Path
     tiny["train"]["epochs"] = 1
     tiny["strategies"], tiny["out"] = stack, str(tmp_path / "run")
     tiny["strategy_args"] = {"er": {"size": 30}}
-    result = run(_load(tiny, tmp_path))
+    result = run(load_dict(tiny, tmp_path))
     assert torch.isfinite(result.matrices["recall@1"]).all()
 
 

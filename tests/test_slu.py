@@ -13,12 +13,18 @@ import pytest
 import soundfile
 import torch
 
-from comodal.config import ClassIncrementalConfig, ModalityConfig, RunConfig, ScenarioConfig
+from comodal.config import (
+    ClassIncrementalConfig,
+    ModalityConfig,
+    RunConfig,
+    ScenarioConfig,
+    SynthFSCConfig,
+)
 from comodal.errors import ConfigError, DataError
 from comodal.platform.modalities import Modality
 from comodal.scenarios.registry import Splits, build_scenario, class_groups, group_order
 from comodal.scenarios.slu import SlurpIntents, read_fsc, read_slurp
-from comodal.scenarios.synth_fsc import HEADER, INTENTS, SynthFSCSpec, generate, phrasings
+from comodal.scenarios.synth_fsc import HEADER, INTENTS, generate, phrasings
 
 FSC_ORDER = [19, 27, 30, 28, 15, 4, 2, 9, 10, 22, 11, 7, 1, 25, 16, 14, 5, 8, 29, 12, 21, 17, 3,
              20, 23, 6, 18, 24, 26, 0, 13]
@@ -28,7 +34,7 @@ FSC_ORDER = [19, 27, 30, 28, 15, 4, 2, 9, 10, 22, 11, 7, 1, 25, 16, 14, 5, 8, 29
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthesised corpus: 2 train, 1 valid and 1 test speaker."""
     return generate(tmp_path_factory.mktemp("fsc") / "corpus",
-                    SynthFSCSpec(seed=3, train_speakers=2, valid_speakers=1, test_speakers=1),
+                    SynthFSCConfig(seed=3, train_speakers=2, valid_speakers=1, test_speakers=1),
                     progress=False)
 
 
@@ -71,7 +77,7 @@ def test_intents_have_design_ids_and_several_phrasings(corpus: Path) -> None:
 
 
 def test_generation_is_deterministic(corpus: Path, tmp_path: Path) -> None:
-    again = generate(tmp_path / "again", SynthFSCSpec(seed=3, train_speakers=2,
+    again = generate(tmp_path / "again", SynthFSCConfig(seed=3, train_speakers=2,
                                                       valid_speakers=1, test_speakers=1),
                      progress=False)
     assert (again / "data" / "train_data.csv").read_text() == \

@@ -56,6 +56,13 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def checkpoint_digests(path: Path) -> dict:
+    """Digests of a Hugging Face directory's config and weight files (feature-cache keys)."""
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return {"config": _file_digest(path / "config.json"),
+            "weights": [_file_digest(p) for p in weights]}
+
+
 def load_hf(path: Path, what: str) -> Any:
     """Load a tokenizer or model from a local directory only (no hub access)."""
     from transformers import AutoModel, AutoTokenizer
@@ -161,14 +168,12 @@ class HFText(nn.Module):
         self.out_dim = int(self.model.config.hidden_size)
 
     def fingerprint(self) -> dict:
-        weights = sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin"))
         tokenizer = [self.path / n for n in ("tokenizer.json", "tokenizer_config.json",
                                               "vocab.txt", "special_tokens_map.json")]
         return {
             "extractor": "hf-mean-pool/1",
             "source": source_digest(HFText),
-            "config": _file_digest(self.path / "config.json"),
-            "weights": [_file_digest(p) for p in weights],
+            **checkpoint_digests(self.path),
             "tokenizer": [_file_digest(p) for p in tokenizer if p.is_file()],
             "max_length": self.max_length,
         }
@@ -197,10 +202,8 @@ class HFAudio(nn.Module):
         self.out_dim = int(config.hidden_size)
 
     def fingerprint(self) -> dict:
-        weights = sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin"))
         return {"extractor": "hf-audio-mean-pool/1", "source": source_digest(HFAudio),
-                "config": _file_digest(self.path / "config.json"),
-                "weights": [_file_digest(p) for p in weights]}
+                **checkpoint_digests(self.path)}
 
     def frames(self, lengths: torch.Tensor) -> torch.Tensor:
         """Output frames of the feature encoder for inputs of ``lengths`` samples."""

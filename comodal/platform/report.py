@@ -75,9 +75,10 @@ def _value(run: dict[str, Any], metric: str, key: str) -> float:
 def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tuple]]:
     """Per stack and column: (mean, std, seeds) over the stack's runs (std 0 for one seed)."""
     out: dict[str, dict[str, tuple]] = {}
+    cols = columns(runs)
     for stack, rs in runs.items():
         out[stack] = {}
-        for label, metric, key, _ in columns(runs):
+        for label, metric, key, _ in cols:
             values = [_value(r, metric, key) for r in rs]
             values = [v for v in values if not math.isnan(v)]
             mean = statistics.fmean(values) if values else math.nan

@@ -23,7 +23,7 @@ MODALITIES = ("audio", "text")
 def synth_fsc_root(data: DataConfig, progress: bool = True) -> Path:
     """The synthesised corpus for ``data.fsc.synth`` under the cache, generated if missing
     (into a temporary directory renamed into place, so a killed generation leaves nothing)."""
-    spec = synth_fsc.SynthFSCSpec(**dataclasses.asdict(data.fsc.synth))
+    spec = data.fsc.synth
     key = json.dumps({"spec": dataclasses.asdict(spec), "source": source_digest(synth_fsc)},
                      sort_keys=True)
     root = Path(data.cache_dir) / "synth-fsc" / hashlib.sha256(key.encode()).hexdigest()[:12]

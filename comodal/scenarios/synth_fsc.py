@@ -26,6 +26,7 @@ import torch
 import torchaudio
 from tqdm.auto import tqdm
 
+from comodal.config import SynthFSCConfig
 from comodal.errors import DataError
 
 SAMPLE_RATE = 16000
@@ -162,25 +163,16 @@ class ESpeak:
         return wave
 
 
-@dataclass(frozen=True)
-class SynthFSCSpec:
-    seed: int = 0
-    train_speakers: int = 20
-    valid_speakers: int = 4
-    test_speakers: int = 4
-    noise: bool = True
-
-
-def generate(out: Path, spec: SynthFSCSpec = SynthFSCSpec(), progress: bool = True) -> Path:
+def generate(out: Path, spec: SynthFSCConfig | None = None, progress: bool = True) -> Path:
     """Write the corpus under ``out`` (FSC layout); returns ``out``. The synthesis runs in a
     fresh process: eSpeak's Klatt voices draw noise from a generator the library seeds once
     per process, so only a fresh process makes the same files for the same seed."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_generate, Path(out), spec, progress).result()
+        return pool.submit(_generate, Path(out), spec or SynthFSCConfig(), progress).result()
 
 
-def _generate(out: Path, spec: SynthFSCSpec, progress: bool) -> Path:
+def _generate(out: Path, spec: SynthFSCConfig, progress: bool) -> Path:
     counts = {"train": spec.train_speakers, "valid": spec.valid_speakers,
               "test": spec.test_speakers}
     speakers = make_speakers(sum(counts.values()), spec.seed, spec.noise)

@@ -1,0 +1,30 @@
+"""Config helpers shared by the test modules (tiny configs as YAML files, class-incremental
+variants of the tiny synth-pairs config)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from comodal.config import RunConfig, load_config
+
+
+def load_dict(config: dict, directory: Path) -> RunConfig:
+    """``config`` written as ``<directory>/config.yaml`` and loaded as a user's file would be."""
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_config(path)
+
+
+def class_incremental(tiny: dict) -> dict:
+    """The tiny config as a class-incremental stream over synth-pairs/all: vision classified,
+    captions as transcripts, 8 classes per task."""
+    config = copy.deepcopy(tiny)
+    config["model"]["modalities"] = {"vision": {"encoder": "image-stats"},
+                                     "text": {"encoder": "hf"}}
+    config["scenario"] = {"class_incremental": {"dataset": "synth-pairs/all",
+                                                "modalities": ["vision", "text"],
+                                                "increments": [8]}}
+    return config
