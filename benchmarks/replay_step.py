@@ -97,8 +97,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=4000, help="training rows per task")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results path (default benchmarks/results/replay_step.json)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny settings, to check that the script runs (seconds; the numbers "
+                        "mean nothing); writes only to --out")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.dim, args.n, args.rounds, args.batch_size = 16, 200, 1, 32
+    elif args.out is None:
+        args.out = RESULTS
     g = torch.Generator().manual_seed(0)
     scenario = Scenario([make_task(i, args.n, args.dim, g) for i in range(2)])
     base = MultimodalEncoder({"audio": args.dim, "text": args.dim}, joint_dim=args.dim)
@@ -142,8 +150,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "python": platform.python_version()},
               "runners": rows, "epoch_seconds": times}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
     return report
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from comodal.config import load_config
-from comodal.errors import ConfigError, DataError
+from comodal.errors import ComodalError, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field, e.g. train.epochs=5")
     comp.add_argument("--out", help="comparison directory (default runs/<config name>-compare)")
+    comp.add_argument("--rerun", action="store_true",
+                      help="retrain from scratch the finished runs made with another config "
+                           "(without it, such runs stop the comparison)")
     data = sub.add_parser("data", help="make a dataset")
     made = data.add_subparsers(dest="dataset", required=True)
     fsc = made.add_parser("synth-fsc", help="synthesise a spoken-commands corpus in Fluent "
@@ -64,7 +67,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from comodal.platform.results import format_matrix, format_summaries
     from comodal.platform.run import HEADLINE, run
 
-    result = run(config, resume=args.resume)
+    try:
+        result = run(config, resume=args.resume)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the checkpoints of the finished tasks are kept in "
+                                f"{config.out}/checkpoints; add --resume to the same command "
+                                "to continue") from None
     print(f"\nrun directory: {result.out}  ({result.seconds:.1f} s)")
     for metric in HEADLINE:
         if metric in result.matrices:
@@ -103,7 +111,7 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from comodal.platform.compare import execute, parse_stacks, plan
+    from comodal.platform.compare import execute, parse_stacks, pending, plan
     from comodal.platform.results import atomic_write_text
 
     config = load_config(args.config, args.overrides, check=False)  # each run is checked
@@ -112,11 +120,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-compare")
     stacks = parse_stacks(args.strategies)
     runs = plan(config, stacks, args.seeds, out)
+    todo = pending(runs, args.rerun)
     atomic_write_text(out / "compare.json", json.dumps(
         {"config": str(args.config), "overrides": args.overrides, "strategies": stacks,
          "seeds": [r.seed for r in runs[: args.seeds]]}, indent=1))
-    counts = execute(runs, args.workers, progress=config.progress)
-    print(f"{counts['trained']} runs trained, {counts['skipped']} already finished")
+    try:
+        execute(todo, args.workers, progress=config.progress)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"finished runs and the checkpoints of finished tasks are kept "
+                                f"in {out}; the same compare command continues") from None
+    print(f"{len(todo)} runs trained, {len(runs) - len(todo)} already finished")
     return _report(out)
 
 
@@ -128,8 +141,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if min(counts) < 1:
         raise ConfigError(f"--train/valid/test-speakers: each must be at least 1, got {counts}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a directory to write the corpus into")
     if (out / "data").exists():
         raise ConfigError(f"--out: {out} already holds a corpus (data/); choose a new directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out: cannot create {out} ({err.strerror}); choose a directory "
+                          "you can write to") from err
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out: {out} is not writable; choose a directory you can write to")
     spec = SynthFSCConfig(args.seed, *counts, noise=not args.no_noise)
     generate(out, spec)
     lines = {s: sum(1 for _ in (out / "data" / f"{s}_data.csv").open()) - 1
@@ -143,6 +165,10 @@ def _report(directory: Path) -> int:
 
     written = write_report(directory)
     print(f"\n{written['markdown']}")
+    if written["missing"]:
+        print(f"comodal: warning: {len(written['missing'])} planned runs have not finished and "
+              f"are left out of the table: {', '.join(written['missing'][:10])}"
+              + (", ..." if len(written["missing"]) > 10 else ""), file=sys.stderr)
     print(f"tables: {directory / 'summary.md'}, {directory / 'summary.csv'}")
     print("plots: " + ", ".join(str(p) for p in written["plots"].values()))
     print(f"TensorBoard: tensorboard --logdir {directory / 'tb'}")
@@ -161,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return _cmd_data(args)
         return _cmd_summarize(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ComodalError, FileNotFoundError) as err:
         print(f"comodal: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # raised with what is kept and how to continue
+        print("comodal: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,15 +7,15 @@ Every field is validated when the file is loaded, so a typo fails before any dat
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from comodal.errors import ConfigError
+from comodal.yaml_input import parse_yaml, read_yaml, shown
 
 
 @dataclass
@@ -68,6 +68,7 @@ class ClassIncrementalConfig:
     # or: tasks by the dataset's class groups (SLURP's scenarios), alphabetically, this many
     # groups per task
     groups_per_task: int = 0
+    subset: bool = False  # true: ``order`` may leave classes out (the ones used are printed)
 
 
 @dataclass
@@ -179,6 +180,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _finite(value: float | int | str, where: str) -> float:
+    """``value`` as a float, which every float field needs finite (``nan`` passes ``<= 0``)."""
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: must be a finite number, got {shown(value)}")
+    return number
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
     origin = typing.get_origin(tp)
@@ -201,38 +213,40 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return from_dict(tp, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         (item,) = typing.get_args(tp)
         return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {shown(value)}")
         _, item = typing.get_args(tp)
         return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return _finite(value, where)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
         try:
-            return float(value)
+            float(value)
         except ValueError:
             pass
+        else:
+            return _finite(value, where)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     if not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {shown(value)}")
+    return _finite(value, where) if tp is float else value
 
 
 def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
             raise ConfigError(
-                f"{where}: unknown key {key!r} (valid keys: {', '.join(names)})"
+                f"{where}: unknown key {shown(key)} (valid keys: {', '.join(names)})"
             )
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -247,15 +261,16 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested mapping."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key=value, for example train.epochs=5")
+        raise ConfigError(f"--set {shown(assignment)}: expected key=value, "
+                          "for example train.epochs=5")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: {part!r} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(raw)
+            raise ConfigError(f"--set {shown(assignment)}: {shown(part)} is not a mapping")
+    node[parts[-1]] = parse_yaml(raw, f"--set {shown(assignment)}")
 
 
 REPLACED_WHOLE = ("modalities", "strategy_args")  # mappings a config gives in full
@@ -281,13 +296,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
     of its runs instead)."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
     data = merge(to_dict(RunConfig()), data)
@@ -302,7 +311,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
 def check_choice(where: str, value: str, choices: typing.Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
-        raise ConfigError(f"{where}: unknown value {value!r} (valid: {', '.join(choices)})")
+        raise ConfigError(f"{where}: unknown value {shown(value)} (valid: {', '.join(choices)})")
 
 
 def _at_least(where: str, value: float, low: float) -> None:
@@ -338,6 +347,9 @@ def _check_numbers(config: RunConfig) -> None:
         ("data.fsc.synth.seed", config.data.fsc.synth.seed),
     ):
         _at_least(where, number, 0)
+        if number >= 2**32:
+            raise ConfigError(f"{where}: must be below 2**32 (the seed range of numpy), "
+                              f"got {shown(number)}")
     synth = config.data.fsc.synth
     for where, number in (("data.fsc.synth.train_speakers", synth.train_speakers),
                           ("data.fsc.synth.valid_speakers", synth.valid_speakers),
@@ -404,12 +416,12 @@ def validate(config: RunConfig) -> None:
     names = [t.name for t in scenario.tasks if t.name is not None]
     for name in names:
         if names.count(name) > 1:
-            raise ConfigError(f"scenario.tasks: task name {name!r} is used twice")
+            raise ConfigError(f"scenario.tasks: task name {shown(name)} is used twice")
     for i, task in enumerate(scenario.tasks):
         if len(task.modalities) != 2 or task.modalities[0] == task.modalities[1]:
             raise ConfigError(
                 f"scenario.tasks[{i}].modalities: a pair task names two different modalities, "
-                f"got {task.modalities!r}"
+                f"got {shown(task.modalities)}"
             )
         _check_modalities(config, f"scenario.tasks[{i}]", task.dataset, task.modalities)
     validate_strategies(config.strategies, config.strategy_args, scenario_kind(config))
@@ -440,7 +452,7 @@ def _check_class_incremental(config: RunConfig, ci: ClassIncrementalConfig) -> N
     where = "scenario.class_incremental"
     if len(ci.modalities) not in (1, 2) or len(set(ci.modalities)) != len(ci.modalities):
         raise ConfigError(f"{where}.modalities: name the classified modality and optionally "
-                          f"its transcript modality, got {ci.modalities!r}")
+                          f"its transcript modality, got {shown(ci.modalities)}")
     _check_modalities(config, where, ci.dataset, ci.modalities)
     if bool(ci.increments) == bool(ci.groups_per_task):
         raise ConfigError(f"{where}: give increments (classes per task) or groups_per_task, "
@@ -450,9 +462,9 @@ def _check_class_incremental(config: RunConfig, ci: ClassIncrementalConfig) -> N
                           "leave order unset")
     if (ci.increments and min(ci.increments) < 1) or ci.groups_per_task < 0:
         raise ConfigError(f"{where}.increments: classes per task must be positive integers, "
-                          f"got {ci.increments!r}")
+                          f"got {shown(ci.increments)}")
     if ci.order is not None and len(set(ci.order)) != len(ci.order):
-        raise ConfigError(f"{where}.order: a class appears twice in {ci.order!r}")
+        raise ConfigError(f"{where}.order: a class appears twice in {shown(ci.order)}")
 
 
 def to_dict(config: RunConfig) -> dict:

@@ -132,6 +132,59 @@ def test_report_reproduces_the_same_table(comparison: Path) -> None:
             (comparison / "summary.csv").read_text()) == before
 
 
+def test_a_finished_run_of_another_config_is_refused_then_rerun_on_request(
+        tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from comodal.cli import main
+
+    tiny["scenario"]["tasks"] = tiny["scenario"]["tasks"][:1]
+    tiny["train"]["epochs"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny))
+    out, run = tmp_path / "cmp", tmp_path / "cmp" / "finetune" / "seed0"
+    argv = ["compare", str(tmp_path / "config.yaml"), "--strategies", "finetune", "--seeds", "1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    stamp, plan = (run / "metrics.json").stat().st_mtime_ns, (out / "compare.json").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--set", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: finished with another config (train.epochs: 1 -> 2)" in err
+    assert "--rerun" in err
+    assert (run / "metrics.json").stat().st_mtime_ns == stamp  # nothing trained
+    assert (out / "compare.json").read_text() == plan  # nor the plan rewritten
+    assert main([*argv, "--set", "train.epochs=2", "--rerun"]) == 0
+    assert "1 runs trained, 0 already finished" in capsys.readouterr().out
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1]  # retrained from scratch with two epochs
+    assert main([*argv, "--set", "train.epochs=2"]) == 0  # the same config reuses the run
+    assert "0 runs trained, 1 already finished" in capsys.readouterr().out
+
+
+def test_a_partial_comparison_is_reported_as_partial(
+        comparison: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from comodal.cli import main
+
+    partial = tmp_path / "cmp"
+    shutil.copytree(comparison, partial)
+    shutil.rmtree(partial / "er+relation_kd" / "seed1")
+    assert main(["report", str(partial)]) == 0
+    err = capsys.readouterr().err
+    assert "comodal: warning: 1 planned runs have not finished" in err
+    assert "er+relation_kd seed1" in err
+    text = (partial / "summary.md").read_text()
+    assert "Not finished, left out: er+relation_kd seed1." in text
+    assert "best in its column among entries with all 2 seeds" in text
+    row = next(line for line in text.splitlines() if line.startswith("| er+relation_kd |"))
+    acc = json.loads((partial / "er+relation_kd" / "seed0" / "metrics.json").read_text())[
+        "summary"]["recall@1"]["acc"]
+    assert f"| {acc:.3f} (1 seed) |" in row  # one seed: no std, and never "± 0.000"
+    assert "±" not in row and "**" not in row  # fewer seeds than asked never wins bold
+    finetune = next(line for line in text.splitlines() if line.startswith("| finetune |"))
+    assert finetune.count("**") >= 2 * 6
+
+
 def test_bad_compare_input_is_a_clear_error(comparison: Path, capsys) -> None:  # noqa: ANN001
     from comodal.cli import main
 

@@ -156,3 +156,36 @@ def test_floats_in_exponent_form_and_overrides_keep_defaults(tmp_path: Path) -> 
     assert config.train.lr == 5e-4
     assert config.model.modalities["vision"].encoder == "conv"
     assert set(config.model.modalities) == {"vision", "audio", "text"}  # defaults kept
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", "1e400",
+                                   10**400])
+def test_every_float_field_must_be_finite(tiny: dict, value: object) -> None:
+    tiny["train"]["lr"] = value
+    _check(tiny, "train.lr: must be a finite number, got")
+
+
+def test_a_strategy_option_must_be_finite_too(tiny: dict) -> None:
+    tiny["strategies"] = ["dns"]
+    tiny["strategy_args"] = {"dns": {"input_threshold": float("nan")}}
+    _check(tiny, "strategy_args.dns.input_threshold: must be a finite number, got nan")
+
+
+def test_an_echoed_value_is_cut_short(tiny: dict) -> None:
+    from comodal.config import RunConfig
+
+    tiny["train"]["lr"] = list(range(100_000))
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, tiny)
+    assert str(err.value).startswith("train.lr: expected float, got [0, 1, 2")
+    assert len(str(err.value)) < 250
+
+
+def test_anchors_and_merge_keys_still_work(tmp_path: Path) -> None:
+    from comodal.yaml_input import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("_train: &train {epochs: 2, lr: 0.5}\ntrain:\n  <<: *train\n  lr: 0.25\n"
+                    "eval: {ks: &ks [1, 5], pool_draws: 1}\ncopy: *ks\n")
+    data = read_yaml(path)
+    assert data["train"] == {"epochs": 2, "lr": 0.25} and data["copy"] == [1, 5]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from comodal.config import ModalityConfig
+from comodal.errors import DataError
 from comodal.platform.encoders import default_text_model_dir
 from comodal.platform.losses import InfoNCE
 from comodal.platform.modalities import Modality
@@ -107,3 +108,15 @@ def test_trainable_encoders_learn_a_pairing() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize(("name", "encoder", "value"), [
+    ("vision", "features", torch.tensor([0.5, float("nan"), 1.0])),
+    ("text", "features", torch.tensor([0.5, float("inf")])),
+    ("vision", "image-stats", torch.full((3, 8, 8), float("nan"))),
+])
+def test_non_finite_features_and_images_are_named(name: str, encoder: str,
+                                                  value: torch.Tensor) -> None:
+    modality = Modality(name, ModalityConfig(encoder=encoder, dim=len(value)))
+    with pytest.raises(DataError, match=f"dataset 'mine' \\(train\\) row 7: {name} .*NaN or inf"):
+        modality.preprocess(value, "dataset 'mine' (train) row 7")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from comodal.config import (
     SynthFSCConfig,
 )
 from comodal.errors import ConfigError, DataError
+from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.modalities import Modality
 from comodal.scenarios.registry import Splits, build_scenario, class_groups, group_order
 from comodal.scenarios.slu import SlurpIntents, read_fsc, read_slurp
@@ -162,6 +164,28 @@ def test_skipped_rows_are_counted_and_reported(corpus: Path, tmp_path: Path,
     _edit_row(root, 5, location="garage")
     read_fsc(root, "test", on_error="skip")
     assert "FSC test: skipped 2 rows" in capsys.readouterr().err
+
+
+def test_a_replaced_wav_gets_a_new_fingerprint_and_cache_entry(corpus: Path,
+                                                               tmp_path: Path) -> None:
+    root = _copy(corpus, tmp_path)
+    audio = Modality("audio", ModalityConfig(encoder="logmel-stats"))
+    cache = FeatureCache(tmp_path / "cache", progress=False)
+    before = read_fsc(root, "test")
+    old = prepare_dataset(before, "test", {"audio": audio}, cache).columns["audio"]
+    wav = Path(before.meta["path"][2])
+    noise = np.random.default_rng(0).standard_normal(12000).astype(np.float32)
+    soundfile.write(wav, 0.3 * noise, 16000)  # other audio at the same path
+    after = read_fsc(root, "test")
+    assert after.fingerprint != before.fingerprint
+    new = prepare_dataset(after, "test", {"audio": audio}, cache).columns["audio"]
+    assert cache.misses == 2 and cache.hits == 0
+    assert not torch.allclose(new[2], old[2]) and torch.equal(new[3], old[3])
+    stat = wav.stat()  # same size, rewritten a second later: a new entry too
+    soundfile.write(wav, 0.2 * noise, 16000)
+    os.utime(wav, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert wav.stat().st_size == stat.st_size
+    assert read_fsc(root, "test").fingerprint not in (before.fingerprint, after.fingerprint)
 
 
 # ----------------------------------------------------------------------------- SLURP

@@ -13,6 +13,7 @@ atomically, so a kill never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from comodal.errors import ConfigError
+from comodal.errors import ConfigError, DataError
 from comodal.platform.results import atomic_torch_save
 
 PATTERN = re.compile(r"after_task_(\d+)\.pt$")
@@ -68,18 +69,35 @@ def save(directory: Path, trainer: Any, rows: list, config: str) -> Path:
     return path
 
 
+def saved(directory: Path) -> list[tuple[int, Path]]:
+    """The checkpoints in ``directory`` as (tasks done, path), fewest tasks first."""
+    return sorted((int(m.group(1)), p) for p in Path(directory).glob("after_task_*.pt")
+                  if (m := PATTERN.match(p.name)))
+
+
 def latest(directory: Path, config: str) -> dict[str, Any] | None:
     """The checkpoint of the most tasks in ``directory``, or None; a checkpoint of another
-    config is an error, since resuming it would mix two runs."""
-    found = sorted((int(m.group(1)), p) for p in Path(directory).glob("after_task_*.pt")
-                   if (m := PATTERN.search(p.name)))
+    config is an error naming the keys that differ, since resuming it would mix two runs."""
+    found = saved(directory)
     if not found:
         return None
     path = found[-1][1]
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not isinstance(state.get("config"), str):
+            raise RuntimeError("it holds no run config")
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        reason = str(err).split("\n")[0] or "empty file"
+        raise DataError(f"{path}: truncated or corrupt checkpoint ({reason}); delete it to "
+                        "resume from the task before, or run without --resume to start "
+                        "over") from err
     if state["config"] != config:
-        raise ConfigError(f"{path}: this checkpoint is from a run with another config; resume "
-                          "with that config, or write the new run elsewhere (--out)")
+        from comodal.platform.run import config_diff  # run imports the trainer, which needs us
+
+        raise ConfigError(f"{path}: this checkpoint is from a run with another config "
+                          f"({'; '.join(config_diff(state['config'], config))}); resume with "
+                          "that config, run without --resume to start over, or write the new "
+                          "run elsewhere (--out)")
     return state
 
 

@@ -1,24 +1,33 @@
 """``comodal compare``: every strategy x seed of one config, in one comparison directory.
 
 Layout: ``<dir>/<stack>/seed<k>/`` is an ordinary run directory (a stack is strategies joined
-by ``+``, e.g. ``er+relation_kd``). A run whose ``metrics.json`` exists is skipped; a run
-with checkpoints resumes from its last finished task. With several workers, runs go to a pool
-of processes, each with its share of the CPU threads.
+by ``+``, e.g. ``er+relation_kd``). A finished run (``metrics.json``) is reused only when its
+resolved config equals the requested one, and retrained from scratch on request; a run with
+checkpoints resumes from its last finished task. With several workers, runs go to a pool of
+processes, each with its share of the CPU threads, that exit when the parent dies.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import dataclasses
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from comodal.config import RunConfig, validate
+from comodal.config import RunConfig, from_dict, validate
 from comodal.errors import ConfigError
+from comodal.yaml_input import read_yaml
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +35,7 @@ class Planned:
     stack: str
     seed: int
     config: RunConfig
+    fresh: bool = False  # train from scratch, replacing a finished run of another config
 
     @property
     def out(self) -> Path:
@@ -68,44 +78,100 @@ def plan(config: RunConfig, stacks: list[str], seeds: int, out: Path) -> list[Pl
     return runs
 
 
-def _run_one(config: RunConfig, threads: int) -> str:
-    """One run in a worker process (resuming from its checkpoints)."""
+def _mismatch(r: Planned) -> str | None:
+    """How the finished run in ``r.out`` differs from ``r``'s config (a few dotted keys with
+    old -> new values), or None when it was made with the same resolved config."""
+    from comodal.platform.run import config_diff, identity
+
+    try:
+        saved = from_dict(RunConfig, read_yaml(r.out / "config.yaml", "run config"))
+    except ConfigError as err:
+        return str(err)
+    if identity(saved) == identity(r.config):
+        return None
+    return "; ".join(config_diff(identity(saved), identity(r.config), limit=3))
+
+
+def pending(runs: list[Planned], rerun: bool = False) -> list[Planned]:
+    """The runs to train: unfinished ones, and with ``rerun`` finished ones whose config
+    differs, marked ``fresh``. Without ``rerun`` such a run is a ``ConfigError`` naming its
+    directory and the differing keys, raised before anything trains: its results would be
+    reported under settings that never produced them."""
+    todo, stale = [], []
+    for r in runs:
+        if not (r.out / "metrics.json").is_file():
+            todo.append(r)
+        elif (why := _mismatch(r)) is not None:
+            stale.append((r, why))
+            todo.append(dataclasses.replace(r, fresh=True))
+    if stale and not rerun:
+        r, why = stale[0]
+        more = f" (and {len(stale) - 1} other runs)" if len(stale) > 1 else ""
+        raise ConfigError(f"{r.out}: finished with another config ({why}){more}; add --rerun "
+                          "to retrain such runs from scratch, or choose another --out")
+    return todo
+
+
+def _train(r: Planned, threads: int = 0) -> None:
+    """One run: resumed from its checkpoints, or from scratch when ``r.fresh``."""
     from comodal.platform.run import run
 
-    torch.set_num_threads(threads)
-    run(config, resume=True)
-    return config.out
+    if threads:
+        torch.set_num_threads(threads)
+    if r.fresh:  # an interrupted retraining then resumes instead of looking finished
+        (r.out / "metrics.json").unlink(missing_ok=True)
+    run(r.config, resume=not r.fresh)
 
 
-def execute(runs: list[Planned], workers: int = 1, progress: bool = True) -> dict[str, int]:
-    """Train every run not finished yet; returns how many were trained and skipped."""
-    from comodal.platform.run import run
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
-    todo = [r for r in runs if not (r.out / "metrics.json").is_file()]
+
+def _worker_init(parent: int) -> None:
+    """Pool worker start-up: exit when the parent dies (after a kill -9 of ``compare`` the
+    workers would run on forever) and leave Ctrl-C to the parent, which ends the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":  # the kernel sends SIGTERM when the parent dies
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    else:  # portable fallback: a daemon thread polls the parent's pid
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def execute(todo: list[Planned], workers: int = 1, progress: bool = True) -> None:
+    """Train the runs ``pending`` returned, ``workers`` at once."""
     bar = tqdm(total=len(todo), desc="compare", disable=not progress)
     if workers <= 1:
         for r in todo:
             bar.set_postfix_str(f"{r.stack} seed {r.seed}")
-            run(r.config, resume=True)
+            _train(r)
             bar.update()
-    else:
+    elif todo:
         threads = max(1, (os.cpu_count() or 1) // workers)
         for r in todo:
             r.config.progress = False  # one bar per run would interleave across processes
-        if todo:  # generate corpora and cache features once, not in every worker
-            from comodal.platform.run import build_trainer
-            from comodal.scenarios.registry import build_scenario
+        # generate corpora and cache features once, not in every worker
+        from comodal.platform.run import build_trainer
+        from comodal.scenarios.registry import build_scenario
 
-            build_trainer(todo[0].config).prepare(build_scenario(todo[0].config))
-        context = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_run_one, r.config, threads) for r in todo]
-            try:
-                for future in cf.as_completed(futures):
-                    future.result()
-                    bar.update()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
+        build_trainer(todo[0].config).prepare(build_scenario(todo[0].config))
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_worker_init, initargs=(os.getpid(),))
+        try:
+            futures = [pool.submit(_train, r, threads) for r in todo]
+            for future in cf.as_completed(futures):
+                future.result()
+                bar.update()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():  # the pool's; they ignore Ctrl-C
+                worker.terminate()
+            raise
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # running runs finish and keep their results
+            raise
+        pool.shutdown()
     bar.close()
-    return {"trained": len(todo), "skipped": len(runs) - len(todo)}

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import sys
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,45 +27,84 @@ from comodal.scenarios.data import MultimodalDataset, concat
 
 
 class FeatureCache:
-    """A directory of ``<key>.pt`` feature tensors with a JSON sidecar saying what made each."""
+    """A directory of ``<key>.pt`` feature tensors with a JSON sidecar saying what made each.
+
+    It also holds, while a dataset lives, that dataset prepared (``parents``): the tasks of a
+    class-incremental stream are subsets of one parent, which is then read and preprocessed
+    once instead of once per task.
+    """
 
     def __init__(self, root: str | Path, batch_size: int = 256, progress: bool = True) -> None:
         self.root = Path(root) / "features"
         self.batch_size, self.progress = batch_size, progress
         self.hits = self.misses = 0
+        self.writable = True
+        self.parents: dict[tuple, MultimodalDataset] = {}
 
     @staticmethod
     def key(dataset_fingerprint: str, split: str, modality: str, backbone: dict) -> str:
         payload = json.dumps([dataset_fingerprint, split, modality, backbone], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
-    def features(
-        self, dataset_fingerprint: str, split: str, modality: Modality, values: Sequence[Any]
-    ) -> torch.Tensor:
-        """Cached features of ``values`` under ``modality``'s frozen backbone (computed once)."""
+    def features(self, dataset_fingerprint: str, split: str, modality: Modality,
+                 values: Sequence[Any], where: str) -> torch.Tensor:
+        """Cached features of ``values`` under ``modality``'s frozen backbone (computed once;
+        an unreadable entry is computed again and replaced). ``where`` names the rows."""
         backbone = modality.fingerprint()
         key = self.key(dataset_fingerprint, split, modality.name, backbone)
         path = self.root / f"{key}.pt"
         if path.is_file():
-            self.hits += 1
-            return torch.load(path, weights_only=True)
+            feats = self._load(path, len(values))
+            if feats is not None:
+                self.hits += 1
+                return feats
         self.misses += 1
         chunks = []
         starts = range(0, len(values), self.batch_size)
         label = f"encoding {split} {modality.name} ({backbone['extractor']})"
         for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
-            part = [
-                modality.preprocess(values[i], f"{dataset_fingerprint} {split} row {i}")
-                for i in range(start, min(start + self.batch_size, len(values)))
-            ]
+            part = [modality.preprocess(values[i], f"{where} {i}")
+                    for i in range(start, min(start + self.batch_size, len(values)))]
             with torch.no_grad():
                 chunks.append(modality.frozen(modality.collate(part)).float())
         feats = torch.cat(chunks)
+        bad = (~torch.isfinite(feats)).any(1).nonzero().flatten()
+        if len(bad):
+            raise DataError(f"{where} {int(bad[0])}: the frozen {modality.name} backbone "
+                            f"({backbone['extractor']}) gives NaN or inf features "
+                            f"({len(bad)} of {len(feats)} rows)")
         meta = {"dataset": dataset_fingerprint, "split": split, "modality": modality.name,
                 "backbone": backbone, "shape": list(feats.shape)}
-        atomic_torch_save(feats, path)
-        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+        self._store(path, feats, json.dumps(meta, indent=1))
         return feats
+
+    @staticmethod
+    def _load(path: Path, rows: int) -> torch.Tensor | None:
+        """The entry at ``path``, or None (after saying so) if it is unreadable or wrong."""
+        try:
+            feats = torch.load(path, weights_only=True)
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
+            problem = str(err).split(". ")[0] or type(err).__name__
+        else:
+            if isinstance(feats, torch.Tensor) and feats.dim() == 2 and len(feats) == rows:
+                return feats
+            problem = f"not a [{rows}, width] tensor"
+        print(f"comodal: feature cache entry {path} is unreadable ({problem}); computing it "
+              "again", file=sys.stderr)
+        return None
+
+    def _store(self, path: Path, feats: torch.Tensor, meta: str) -> None:
+        """Write an entry atomically; a cache that cannot be written is used without storing."""
+        if not self.writable:
+            return
+        try:
+            atomic_torch_save(feats, path)
+            atomic_write_text(path.with_suffix(".json"), meta)
+        except OSError as err:
+            self.writable = False
+            print(f"comodal: cannot write the feature cache {self.root} "
+                  f"({err.strerror or err}); features are computed but not stored",
+                  file=sys.stderr)
 
 
 def prepare_dataset(
@@ -73,20 +115,20 @@ def prepare_dataset(
     values for trainable encoders."""
     if len(dataset) == 0:
         raise DataError(f"dataset {dataset.name!r} ({split}) is empty")
-    if dataset.origin is not None:  # rows of other datasets: prepare those (cached), then take
+    if dataset.origin is not None:  # rows of other datasets: prepare those (once), then take
         parts = []
         for parent, rows in dataset.origin:
-            prepared = prepare_dataset(parent, split, modalities, cache)
+            prepared = _prepare_parent(parent, split, modalities, cache)
             parts.append(prepared if rows is None else prepared.subset(rows))
         joined = parts[0] if len(parts) == 1 else concat(parts, dataset.name)
         return replace(dataset, columns=joined.columns, origin=None)
+    where = f"dataset {dataset.name!r} ({split}) row"
     columns: dict[str, Any] = {}
     for name, modality in modalities.items():
         values = dataset.columns[name]
         if modality.frozen is not None:
-            columns[name] = cache.features(dataset.fingerprint, split, modality, values)
+            columns[name] = cache.features(dataset.fingerprint, split, modality, values, where)
             continue
-        where = f"dataset {dataset.name!r} ({split}) row"
         column = [modality.preprocess(v, f"{where} {i}") for i, v in enumerate(values)]
         if modality.config.encoder == "features":
             column = torch.stack(column)
@@ -97,3 +139,13 @@ def prepare_dataset(
                 )
         columns[name] = column
     return replace(dataset, columns=columns)
+
+
+def _prepare_parent(parent: MultimodalDataset, split: str, modalities: dict[str, Modality],
+                    cache: FeatureCache) -> MultimodalDataset:
+    """``parent`` prepared once per (split, modalities) for as long as it lives."""
+    key = (id(parent), split, tuple(modalities.items()))
+    if key not in cache.parents:
+        cache.parents[key] = prepare_dataset(parent, split, modalities, cache)
+        weakref.finalize(parent, cache.parents.pop, key, None)  # its id may then be reused
+    return cache.parents[key]

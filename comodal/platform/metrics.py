@@ -9,25 +9,64 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+POOLED = ("accuracy",)  # class-incremental accuracy: Acc and Avg Acc pooled over test rows
 
-def recall_at_k(similarity: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of rows whose paired column (the diagonal) ranks within the top k.
 
-    Ties count against the pair, so a collapsed model cannot score by accident."""
-    positive = similarity.diagonal().unsqueeze(1)
-    rank = (similarity >= positive).sum(1) - 1  # other candidates at least as close as the pair
-    return {k: (rank < k).float().mean().item() for k in ks}
+def _content_key(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):  # (waveform, sample_rate)
+        wave, rate = value
+        return _content_key(torch.as_tensor(wave)), rate
+    tensor = torch.as_tensor(value)
+    return str(tensor.dtype), tuple(tensor.shape), tensor.contiguous().numpy().tobytes()
+
+
+def content_ids(values: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+    """A group id per row, equal exactly when two rows hold identical content: strings as
+    strings, tensor rows by exact equality, ``(waveform, rate)`` by the waveform's bytes and
+    the rate. Retrieval counts a candidate of identical content as a positive too."""
+    if isinstance(values, torch.Tensor):
+        return torch.unique(values.reshape(len(values), -1), dim=0, return_inverse=True)[1]
+    ids: dict[Any, int] = {}
+    return torch.tensor([ids.setdefault(_content_key(v), len(ids)) for v in values],
+                        dtype=torch.long)
+
+
+def recall_at_k(similarity: torch.Tensor, ks: Sequence[int],
+                positives: torch.Tensor | None = None) -> dict[int, float]:
+    """Fraction of query rows whose best positive ranks within the top k candidates.
+
+    ``positives[i, j]`` says whether candidate j is a correct answer to query i (default: only
+    the diagonal, its pair). The rank is the number of non-positive candidates at least as
+    similar as the best positive, so ties with a different candidate count against the pair
+    and a collapsed model cannot score by accident. A row with any non-finite similarity is
+    a miss."""
+    if positives is None:
+        positives = torch.eye(len(similarity), dtype=torch.bool, device=similarity.device)
+    best = similarity.masked_fill(~positives, -math.inf).amax(1, keepdim=True)
+    rank = ((similarity >= best) & ~positives).sum(1)
+    finite = torch.isfinite(similarity).all(1)
+    return {k: ((rank < k) & finite).float().mean().item() for k in ks}
 
 
 def retrieval_recalls(
-    a: torch.Tensor, b: torch.Tensor, ks: Sequence[int], pool_size: int, draws: int, seed: int
+    a: torch.Tensor, b: torch.Tensor, ks: Sequence[int], pool_size: int, draws: int, seed: int,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Recall@k in both directions (a->b and b->a) with the CMCL protocol: ``pool_size``
     randomly drawn test pairs as the candidate pool, averaged over ``draws`` seeded draws,
-    or all pairs once if there are no more than ``pool_size``."""
+    or all pairs once if there are no more than ``pool_size``.
+
+    ``groups`` (the ``content_ids`` of the a and b rows) makes duplicate partners count as
+    COCO/Flickr retrieval counts any of an image's captions: for query row i, candidate j is
+    a positive too when row j's pair repeats row i's on either side (same caption,
+    transcript or feature row as i's partner, or the same content as the query, so that j's
+    partner is equally correct). Ties with other candidates still count against the pair."""
     n = len(a)
     if n <= pool_size:
         pools = [torch.arange(n)]
@@ -37,8 +76,13 @@ def retrieval_recalls(
     totals: dict[str, float] = {}
     for pool in pools:
         sim = a[pool] @ b[pool].T
+        positives = None
+        if groups is not None:
+            ga, gb = (g[pool] for g in groups)
+            positives = (ga[:, None] == ga[None, :]) | (gb[:, None] == gb[None, :])
         for direction, matrix in (("ab", sim), ("ba", sim.T)):
-            for k, value in recall_at_k(matrix, ks).items():
+            # the positive relation is symmetric, so both directions share it
+            for k, value in recall_at_k(matrix, ks, positives).items():
                 key = f"recall@{k}_{direction}"
                 totals[key] = totals.get(key, 0.0) + value / len(pools)
     for k in ks:
@@ -98,6 +142,18 @@ def plasticity(R: torch.Tensor) -> float:
     return _nanmean([R[j, j - 1].item() for j in range(1, T + 1)])
 
 
+def pooled_accuracy(R: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Accuracy after each task i = 1..T over all test rows of tasks 1..i (the classes seen so
+    far), as continuum and CL_SLU define it: per-task accuracies weighted by test rows."""
+    n = torch.as_tensor(sizes, dtype=R.dtype)
+    out = []
+    for i in range(1, R.shape[1] + 1):
+        row, weight = R[i, :i], n[:i]
+        kept = ~row.isnan()
+        out.append((row[kept] * weight[kept]).sum() / weight[kept].sum())
+    return torch.stack(out)
+
+
 SUMMARIES = {
     "acc": final_average,
     "avg_inc_acc": average_incremental,
@@ -108,6 +164,17 @@ SUMMARIES = {
 }
 
 
-def summarize(R: torch.Tensor) -> dict[str, float]:
-    """All continual summaries of one metric matrix."""
-    return {name: fn(R) for name, fn in SUMMARIES.items()}
+def summarize(R: torch.Tensor, sizes: Sequence[int] | None = None) -> dict[str, float]:
+    """All continual summaries of one metric matrix; with each task's test row count
+    ``sizes``, Acc (Last Acc) and Avg incremental Acc are pooled over test rows."""
+    summary = {name: fn(R) for name, fn in SUMMARIES.items()}
+    if sizes is not None:
+        pooled = pooled_accuracy(R, sizes).tolist()
+        summary["acc"], summary["avg_inc_acc"] = pooled[-1], _nanmean(pooled)
+    return summary
+
+
+def summaries(matrices: dict[str, torch.Tensor],
+              sizes: Sequence[int]) -> dict[str, dict[str, float]]:
+    """The summaries of every metric of a run, those in ``POOLED`` pooled over test rows."""
+    return {m: summarize(R, sizes if m in POOLED else None) for m, R in matrices.items()}

@@ -107,6 +107,8 @@ class Modality:
             if tensor.dim() != 1:
                 raise DataError(f"{where}: {self.name} features must be a vector, "
                                  f"got shape {tuple(tensor.shape)}")
+            if not torch.isfinite(tensor).all():
+                raise DataError(f"{where}: {self.name} features hold NaN or inf")
             return tensor
         if self.name == "audio":
             return self._audio(value, where)
@@ -118,6 +120,8 @@ class Modality:
         if image.dim() != 3 or image.shape[0] != 3:
             raise DataError(f"{where}: vision expects an image [3, H, W], "
                              f"got shape {tuple(image.shape)}")
+        if not torch.isfinite(image).all():
+            raise DataError(f"{where}: vision image holds NaN or inf")
         return image
 
     def _audio(self, value: Any, where: str) -> torch.Tensor:

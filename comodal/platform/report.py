@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,18 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
 from comodal.config import from_dict  # noqa: E402
+from comodal.errors import DataError  # noqa: E402
 from comodal.platform.results import atomic_write_text, read_run  # noqa: E402
+from comodal.yaml_input import read_yaml  # noqa: E402
 
 SUMMARIES = [("Acc", "acc", True), ("Avg inc Acc", "avg_inc_acc", True), ("BWT", "bwt", True),
              ("FWT", "fwt", True), ("Forgetting", "forgetting", False),
              ("Plasticity", "plasticity", True)]
 EXTRA = [("R@10 Acc", "recall@10"), ("zero-shot Acc", "zeroshot")]  # Acc of other metrics
 LABELS = {"recall@1": "R@1", "accuracy": "accuracy"}
+POOLED_LABELS = {"acc": "Last Acc (pooled)", "avg_inc_acc": "Avg Acc (pooled)"}
 
 
 def load_runs(directory: Path) -> dict[str, list[dict[str, Any]]]:
@@ -43,14 +46,35 @@ def load_runs(directory: Path) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(Path(directory).glob("*/seed*/metrics.json")):
         data = read_run(path.parent)
-        data["config"] = yaml.safe_load((path.parent / "config.yaml").read_text())
+        data["config"] = read_yaml(path.parent / "config.yaml", "run config")
         runs.setdefault(path.parent.parent.name, []).append(data)
     if not runs:
+        if (Path(directory) / "metrics.json").is_file():
+            raise FileNotFoundError(f"{directory}: a run directory, not a comparison (no "
+                                    "<stack>/seed<k>/metrics.json); comodal summarize shows runs")
         raise FileNotFoundError(f"{directory}: no finished runs (<stack>/seed<k>/metrics.json)")
-    plan = Path(directory) / "compare.json"  # the order the stacks were asked for
-    asked = json.loads(plan.read_text())["strategies"] if plan.is_file() else []
+    asked = read_plan(directory).get("strategies", [])  # the order the stacks were asked for
     order = [s for s in asked if s in runs] + sorted(s for s in runs if s not in asked)
     return {s: runs[s] for s in order}
+
+
+def read_plan(directory: Path) -> dict[str, list]:
+    """The entries and seeds ``compare`` was asked for (``compare.json``; empty if absent)."""
+    path = Path(directory) / "compare.json"
+    if not path.is_file():
+        return {}
+    try:
+        plan = json.loads(path.read_text())
+        return {"strategies": list(plan["strategies"]), "seeds": list(plan["seeds"])}
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: truncated or not written by comodal compare ({err!r}); "
+                        "repeat the compare command to rewrite it") from err
+
+
+def missing(directory: Path, plan: dict[str, list]) -> list[str]:
+    """``<entry> seed<k>`` of every run of the plan that has not finished."""
+    return [f"{s} seed{k}" for s in plan.get("strategies", []) for k in plan.get("seeds", [])
+            if not (Path(directory) / s / f"seed{k}" / "metrics.json").is_file()]
 
 
 def headline(runs: dict[str, list[dict[str, Any]]]) -> str:
@@ -59,9 +83,15 @@ def headline(runs: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def columns(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, str, bool]]:
-    """(label, metric, summary key, higher is better) of every table column."""
+    """(label, metric, summary key, higher is better) of every table column. Where every run
+    records its headline's Acc and Avg Acc as pooled over test rows (class-incremental
+    accuracy), the labels say so, and that the other summaries come from the per-task matrix."""
     metric = headline(runs)
-    cols = [(f"{LABELS[metric]} {label}", metric, key, up) for label, key, up in SUMMARIES]
+    if all(metric in r.get("pooled_acc", ()) for rs in runs.values() for r in rs):
+        cols = [(POOLED_LABELS.get(key, f"{label} (per task)"), metric, key, up)
+                for label, key, up in SUMMARIES]
+    else:
+        cols = [(f"{LABELS[metric]} {label}", metric, key, up) for label, key, up in SUMMARIES]
     available = set.intersection(*(set(r["summary"]) for rs in runs.values() for r in rs))
     cols += [(label, m, "acc", True) for label, m in EXTRA if m in available and m != metric]
     return cols
@@ -73,7 +103,7 @@ def _value(run: dict[str, Any], metric: str, key: str) -> float:
 
 
 def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tuple]]:
-    """Per stack and column: (mean, std, seeds) over the stack's runs (std 0 for one seed)."""
+    """Per stack and column: (mean, std, seeds) over the stack's runs (std nan for one seed)."""
     out: dict[str, dict[str, tuple]] = {}
     cols = columns(runs)
     for stack, rs in runs.items():
@@ -82,16 +112,20 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tupl
             values = [_value(r, metric, key) for r in rs]
             values = [v for v in values if not math.isnan(v)]
             mean = statistics.fmean(values) if values else math.nan
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            std = statistics.stdev(values) if len(values) > 1 else math.nan
             out[stack][label] = (mean, std, len(values))
     return out
 
 
-def best(table: dict[str, dict[str, tuple]], runs: dict) -> dict[str, set[str]]:
-    """Per column, the stacks with the best mean (ties all count)."""
+def best(table: dict[str, dict[str, tuple]], runs: dict, seeds: int = 0) -> dict[str, set[str]]:
+    """Per column, the stacks with the best mean (ties all count) among those with all
+    ``seeds`` runs (default: as many as the most complete stack): a mean of fewer seeds
+    does not win."""
+    full = seeds or max(len(rs) for rs in runs.values())
     winners = {}
     for label, _, _, up in columns(runs):
-        means = {s: row[label][0] for s, row in table.items() if not math.isnan(row[label][0])}
+        means = {s: row[label][0] for s, row in table.items()
+                 if not math.isnan(row[label][0]) and len(runs[s]) >= full}
         if means:
             top = max(means.values()) if up else min(means.values())
             winners[label] = {s for s, m in means.items() if abs(m - top) < 5e-4}
@@ -119,23 +153,32 @@ def hyperparameters(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[str
     return {s: [f"{k} = {o[k]}" for k in sorted(o) if k not in shared] for s, o in flat.items()}
 
 
-def _cell(mean: float, std: float) -> str:
-    return "-" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+def _cell(mean: float, std: float, n: int) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f} (1 seed)"
 
 
-def markdown(runs: dict[str, list[dict[str, Any]]]) -> str:
+def markdown(runs: dict[str, list[dict[str, Any]]], seeds: int = 0,
+             absent: Sequence[str] = ()) -> str:
+    """The summary table; ``seeds`` asked per entry, ``absent`` the planned runs missing."""
     table, cols = aggregate(runs), columns(runs)
-    winners = best(table, runs)
+    winners = best(table, runs, seeds)
     lines = ["| strategy | seeds | " + " | ".join(c[0] for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for stack, row in table.items():
         cells = []
         for label, *_ in cols:
-            text = _cell(*row[label][:2])
+            text = _cell(*row[label])
             cells.append(f"**{text}**" if stack in winners.get(label, ()) else text)
         lines.append(f"| {stack} | {len(runs[stack])} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± std over seeds; **bold**: best in its column (lowest for "
+    full = seeds or max(len(rs) for rs in runs.values())
+    partial = (f" among entries with all {full} seeds" if any(len(rs) < full for rs in
+                                                               runs.values()) else "")
+    lines += ["", f"Mean ± std over seeds; **bold**: best in its column{partial} (lowest for "
               "Forgetting, highest otherwise)."]
+    if absent:
+        lines += ["", "Not finished, left out: " + ", ".join(absent) + "."]
     params = hyperparameters(runs)
     if any(params.values()):
         lines += ["", "Hyperparameters that differ between rows:", ""]
@@ -143,9 +186,9 @@ def markdown(runs: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_text(runs: dict[str, list[dict[str, Any]]]) -> str:
+def csv_text(runs: dict[str, list[dict[str, Any]]], seeds: int = 0) -> str:
     table, cols = aggregate(runs), columns(runs)
-    winners = best(table, runs)
+    winners = best(table, runs, seeds)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["strategy", "seeds", *(f"{c[0]} {s}" for c in cols for s in ("mean", "std")),
@@ -267,14 +310,16 @@ PLOTS = {"matrices": plot_matrices, "stream": plot_stream, "stability_plasticity
 
 def write_report(directory: Path) -> dict[str, Any]:
     """Write ``summary.md``, ``summary.csv``, ``plots/*.png`` and TensorBoard images from the
-    saved runs; returns the paths and the Markdown table."""
+    saved runs; returns the paths, the Markdown table and the planned runs not finished."""
     from torch.utils.tensorboard import SummaryWriter
 
     directory = Path(directory)
     runs = load_runs(directory)
-    text = markdown(runs)
+    plan = read_plan(directory)
+    absent, seeds = missing(directory, plan), len(plan.get("seeds", []))
+    text = markdown(runs, seeds, absent)
     atomic_write_text(directory / "summary.md", text)
-    atomic_write_text(directory / "summary.csv", csv_text(runs))
+    atomic_write_text(directory / "summary.csv", csv_text(runs, seeds))
     shutil.rmtree(directory / "tb", ignore_errors=True)
     plots = {}
     with SummaryWriter(str(directory / "tb")) as writer:
@@ -287,4 +332,4 @@ def write_report(directory: Path) -> dict[str, Any]:
             tmp.replace(path)  # atomic, like every other result file
             writer.add_figure(f"compare/{name}", fig)  # closes the figure
             plots[name] = path
-    return {"markdown": text, "plots": plots}
+    return {"markdown": text, "plots": plots, "missing": absent}

@@ -13,12 +13,18 @@ from typing import Any
 import torch
 import yaml
 
+from comodal.errors import ConfigError, DataError
+from comodal.platform.metrics import POOLED
+
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same directory, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:  # a read-only directory, or a file where a directory should be
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from err
     os.close(fd)
     try:
         write(Path(tmp))
@@ -74,10 +80,16 @@ def write_run(
 
 
 def read_run(out: Path) -> dict:
+    """The results a run wrote into ``out`` (its ``metrics.json``)."""
     path = Path(out) / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{out}: not a run directory (no metrics.json)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: truncated or corrupt ({err}); delete it and repeat the run "
+                        "with --resume (compare resumes by itself): the run's checkpoints "
+                        "rewrite it without training") from err
 
 
 def format_matrix(matrix: torch.Tensor, task_names: list[str], metric: str) -> str:
@@ -91,15 +103,20 @@ def format_matrix(matrix: torch.Tensor, task_names: list[str], metric: str) -> s
 
 
 def format_summaries(columns: dict[str, dict[str, dict[str, float]]], metric: str) -> str:
-    """Side-by-side summary of ``metric`` for several runs: rows are summary measures."""
+    """Side-by-side summary of ``metric`` for several runs: rows are summary measures. For
+    class-incremental accuracy the labels say that acc and avg_inc_acc are pooled over test
+    rows and the others per task."""
     names = list(columns)
     keys = list(next(iter(columns.values()))[metric])
+    labels = {k: k if metric not in POOLED else
+              f"{k} (pooled)" if k in ("acc", "avg_inc_acc") else f"{k} (per task)" for k in keys}
+    head = max(14, *(len(label) + 1 for label in labels.values()))
     width = max(12, *(len(n) for n in names))
-    lines = [f"{metric:<14}" + "".join(f"{n:>{width}}" for n in names)]
+    lines = [f"{metric:<{head}}" + "".join(f"{n:>{width}}" for n in names)]
     for key in keys:
         cells = []
         for name in names:
             value = columns[name][metric].get(key)
             cells.append(f"{'-' if value is None or value != value else f'{value:+.4f}':>{width}}")
-        lines.append(f"{key:<14}" + "".join(cells))
+        lines.append(f"{labels[key]:<{head}}" + "".join(cells))
     return "\n".join(lines)

@@ -1,30 +1,45 @@
-"""One run end to end: config -> scenario -> model + strategies -> trainer -> run directory."""
+"""One run end to end: config -> scenario -> model + strategies -> trainer -> run directory.
+
+A run directory is claimed before anything is generated or trained: created, checked to hold
+nothing but a run's own files, locked against a second run (``.comodal-lock``, released by the
+kernel when the process dies, so a kill never leaves it stale) and marked (``.comodal-run``).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 import random
 import shutil
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 import yaml
 
 from comodal.config import RunConfig, to_dict
+from comodal.errors import ConfigError, TrainingError
+from comodal.platform import checkpoint
 from comodal.platform.feature_cache import FeatureCache
-from comodal.platform.metrics import summarize
+from comodal.platform.metrics import POOLED, summaries
 from comodal.platform.modalities import build_modalities
 from comodal.platform.model import MultimodalEncoder
-from comodal.platform.results import write_run
+from comodal.platform.results import atomic_write_text, write_run
 from comodal.platform.trainer import Trainer
 from comodal.scenarios.registry import build_scenario
 from comodal.strategies.registry import build_strategies
 
 HEADLINE = ("recall@1", "recall@5", "recall@10", "zeroshot", "accuracy")
+MARKER, LOCK, FORMAT = ".comodal-run", ".comodal-lock", 1
+RUN_ENTRIES = frozenset({"config.yaml", "metrics.json", "summary.json", "matrices", "tb",
+                         "checkpoints", MARKER, LOCK})  # everything a run writes
 
 
 @dataclass
@@ -75,30 +90,146 @@ def identity(config: RunConfig) -> str:
     return yaml.safe_dump(fields, sort_keys=True)
 
 
+def config_diff(old: str, new: str, limit: int = 10) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two resolved
+    configs given as YAML text (as ``identity`` writes them); at most ``limit`` lines."""
+    before, after = _flatten(yaml.safe_load(old) or {}), _flatten(yaml.safe_load(new) or {})
+    lines = [f"{key}: {_show(before, key)} -> {_show(after, key)}"
+             for key in sorted(before.keys() | after.keys())
+             if key not in before or key not in after or before[key] != after[key]]
+    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(flat: dict[str, Any], key: str) -> str:
+    """The value at ``key`` as the YAML a ``--set`` would take, or ``(unset)``."""
+    if key not in flat:
+        return "(unset)"
+    text = yaml.safe_dump(flat[key], default_flow_style=True, width=1 << 16)
+    return text.removesuffix("\n...\n").strip()
+
+
+def claim(out: Path) -> IO[str]:
+    """Make ``out`` this run's directory, before any data is generated or anything trained:
+    create it, refuse it if it holds files a run did not write, mark it and lock it. Returns the
+    open lock file; closing it (or the process ending) releases the lock."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file, not a directory; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        found = _foreign(out)
+        if found:
+            raise ConfigError(
+                f"out: {out} is not a comodal run directory (it holds {', '.join(found[:5])}"
+                f"{' ...' if len(found) > 5 else ''}); a run replaces checkpoints/, tb/, "
+                "matrices/ and its result files, so it writes only into a new or empty "
+                f"directory or one a run made ({MARKER}); choose another --out")
+        atomic_write_text(out / MARKER, f"comodal run directory\nformat: {FORMAT}\n")
+        lock = open(out / LOCK, "a+")  # held open for the whole run
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and Path(err.filename) != out else ""
+        raise ConfigError(f"out: cannot use {out} as the run directory: "
+                          f"{err.strerror or err}{where}") from err
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a run that has not written its name yet"
+        lock.close()
+        raise ConfigError(f"out: {out} is in use by another run ({holder}); wait for it to "
+                          "finish or choose another --out") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, "
+               f"started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    return lock
+
+
+def _foreign(out: Path) -> list[str]:
+    """What in ``out`` a run did not write (nothing for a marked, new or empty directory).
+    A directory an older comodal wrote before runs were marked is adopted when it holds only a
+    run's entries, ``checkpoints/`` only checkpoints, and its metrics.json or a checkpoint
+    shows that comodal made it; this covers old ``comodal run`` and ``compare`` seed runs."""
+    if (out / MARKER).is_file():
+        return []
+    names = sorted(p.name for p in out.iterdir() if not _leftover(p.name))
+    found = [n for n in names if n not in RUN_ENTRIES]
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir():
+        found += [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir())
+                  if not (checkpoint.PATTERN.match(p.name) or _leftover(p.name))]
+    if found or set(names) <= {LOCK}:
+        return found
+    made = checkpoint.saved(ckpts) or _comodal_metrics(out / "metrics.json")
+    return [] if made else names
+
+
+def _leftover(name: str) -> bool:
+    """A temporary file an atomic write left behind when its process was killed."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _comodal_metrics(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"tasks", "matrices", "summary"} <= data.keys()
+
+
 def run(config: RunConfig, resume: bool = False) -> RunResult:
     """Train through the configured scenario and write the run directory (if ``out`` is set),
     with a checkpoint after every task under ``<out>/checkpoints``. ``resume`` continues from
     the latest checkpoint there (a finished run then trains nothing); otherwise old
-    checkpoints are removed and the run starts over."""
+    checkpoints are removed and the run starts over. The directory is claimed first (see
+    ``claim``), so a bad ``out`` fails before anything is generated or trained."""
     start = time.perf_counter()
     out = Path(config.out) if config.out else None
-    checkpoints = out / "checkpoints" if out is not None else None
-    if checkpoints is not None and not resume:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    trainer = build_trainer(config)
-    scenario = build_scenario(config)
-    matrices = trainer.fit(scenario, checkpoints, identity(config))
-    summary = {m: summarize(r) for m, r in matrices.items()}
-    seconds = time.perf_counter() - start
-    if out is not None:
-        for stale in (out / "tb", out / "matrices"):  # a rerun replaces, never mixes
-            shutil.rmtree(stale, ignore_errors=True)
-        reports = {p.name: p.results() for p in trainer.plugins if hasattr(p, "results")}
-        write_run(out, to_dict(config), scenario.task_names, matrices, summary,
-                  extra={"history": trainer.history, "seconds": round(seconds, 2),
-                         "strategies": reports})
-        write_tensorboard(out / "tb", scenario.task_names, matrices, summary, trainer.history)
+    with claim(out) if out is not None else contextlib.nullcontext():
+        if out is not None and not resume:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        trainer = build_trainer(config)
+        scenario = build_scenario(config)
+        matrices = _fit(trainer, scenario, out, identity(config))
+        summary = summaries(matrices, trainer.test_sizes)
+        seconds = time.perf_counter() - start
+        if out is not None:
+            for stale in (out / "tb", out / "matrices"):  # a rerun replaces, never mixes
+                shutil.rmtree(stale, ignore_errors=True)
+            reports = {p.name: p.results() for p in trainer.plugins if hasattr(p, "results")}
+            write_run(out, to_dict(config), scenario.task_names, matrices, summary,
+                      extra={"history": trainer.history, "seconds": round(seconds, 2),
+                             "strategies": reports, "test_sizes": trainer.test_sizes,
+                             "pooled_acc": [m for m in POOLED if m in matrices]})
+            write_tensorboard(out / "tb", scenario.task_names, matrices, summary,
+                              trainer.history)
     return RunResult(scenario.task_names, matrices, summary, out, seconds)
+
+
+def _fit(trainer: Trainer, scenario: Any, out: Path | None,
+         config: str) -> dict[str, torch.Tensor]:
+    """``trainer.fit`` with checkpoints in ``out``; training stopped by an untrustworthy value
+    keeps the finished tasks' checkpoints and says where ``--resume`` continues."""
+    checkpoints = out / "checkpoints" if out is not None else None
+    try:
+        return trainer.fit(scenario, checkpoints, config)
+    except TrainingError as err:
+        if checkpoints is None:
+            raise
+        done = max((k for k, _ in checkpoint.saved(checkpoints)), default=0)
+        kept = f"the checkpoints of tasks 1-{done} are kept in {checkpoints}" if done else \
+            "no task had finished"
+        raise TrainingError(f"{err}; {kept}: --resume continues from task {done + 1} "
+                            f"({scenario.task_names[done]})") from err
 
 
 def write_tensorboard(logdir: Path, task_names: list[str], matrices: dict[str, torch.Tensor],

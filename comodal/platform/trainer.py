@@ -3,6 +3,7 @@ strategy plugins at Avalanche's moments, evaluating every task before and after 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,11 +14,11 @@ from tqdm.auto import tqdm
 
 from comodal._avalanche import BasePlugin, BaseSGDPlugin, SupervisedPlugin
 from comodal.config import EvalConfig, TrainConfig
-from comodal.errors import ConfigError
+from comodal.errors import ConfigError, TrainingError
 from comodal.platform import checkpoint
 from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.losses import InfoNCE
-from comodal.platform.metrics import accuracy, retrieval_recalls, zero_shot_accuracy
+from comodal.platform.metrics import accuracy, content_ids, retrieval_recalls, zero_shot_accuracy
 from comodal.platform.modalities import Modality, collate_samples
 from comodal.platform.model import MultimodalEncoder
 from comodal.scenarios.data import BatchLoader, InterleavedLoader, MultimodalDataset, concat
@@ -154,6 +155,19 @@ class Trainer:
         return BatchLoader(self.scenario.tasks[task_id].train, self._collate,
                            batch_size or self.eval_cfg.batch_size, task_id, shuffle=False)
 
+    def statistics_pass(self, task_id: int,
+                        batch_size: int | None = None) -> Iterable[dict[str, Any]]:
+        """``ordered_loader``'s batches on the device with the model in eval mode (no batch-norm
+        statistics move, no dropout), for the statistics a strategy takes after a task; the
+        previous mode comes back when the batches run out or the loop over them is left."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in self.ordered_loader(task_id, batch_size):
+                yield self.to_device(batch)
+        finally:
+            self.model.train(was_training)
+
     def to_device(self, batch: Any) -> Any:
         if self.device.type == "cpu":  # data is built on the CPU: nothing to move
             return batch
@@ -199,9 +213,26 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.scenario = self.prepare(scenario)
         self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
+        self.test_groups = [self._content_groups(raw, task)
+                            for raw, task in zip(scenario.tasks, self.scenario.tasks, strict=True)]
         self.benchmark = self.scenario.benchmark(
             collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
         )
+
+    def _content_groups(self, raw: Task, task: Task) -> tuple[torch.Tensor, ...] | None:
+        """A pair task's ``content_ids`` of its test rows per modality, so that retrieval
+        counts duplicate partners as positives. Text compares as the raw strings: a frozen text
+        backbone's features of one caption differ in the last bits between batches padded to
+        different lengths."""
+        if task.kind != "pair":
+            return None
+        return tuple(content_ids((raw if m == "text" else task).test.columns[m])
+                     for m in task.modalities)
+
+    @property
+    def test_sizes(self) -> list[int]:
+        """Each task's number of test rows (weights of pooled class-incremental accuracy)."""
+        return [len(task.test) for task in self.scenario.tasks]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -230,22 +261,37 @@ class Trainer:
                    leave=False)
         for epoch in range(self.train_epochs):
             self._call("before_training_epoch")
-            running, steps = torch.zeros((), device=self.device), 0
+            losses = []  # on the device: reading each step's loss would synchronise every step
             for batch in self.dataloader:
                 self.mbatch = self.to_device(batch)
                 self.training_step()
-                running += self.loss.detach()
-                steps += 1
+                losses.append(self.loss.detach())
                 bar.update()
-            self._call("after_training_epoch")
-            if steps:
-                mean = (running / steps).item()  # one synchronisation per epoch
+            if losses:
+                mean = self.epoch_loss(torch.stack(losses), epoch)
                 self.history.append({"task": self.experience_index, "epoch": epoch, "loss": mean})
                 bar.set_postfix(loss=f"{mean:.4f}")
+            self._call("after_training_epoch")
         bar.close()
         self._call("after_training_exp")
         self._call("after_training")
         self.is_training = False
+
+    def epoch_loss(self, losses: torch.Tensor, epoch: int) -> float:
+        """Mean of an epoch's step losses; a non-finite one stops training with a
+        ``TrainingError`` naming the task, the epoch and the first bad step. Checked once per
+        epoch (one host synchronisation), so at most the rest of that epoch trains on a
+        non-finite loss; the epoch's hooks and the task's checkpoint never see it."""
+        mean = losses.double().mean().item()  # float64: finite float32 losses cannot overflow
+        if math.isfinite(mean):
+            return mean
+        step = int((~torch.isfinite(losses)).nonzero()[0])
+        task = self.scenario.tasks[self.experience_index]
+        raise TrainingError(
+            f"task {task.name!r} (task {self.experience_index + 1} of {len(self.scenario)}): "
+            f"the training loss is {losses[step].item()} at epoch {epoch + 1}, step "
+            f"{step + 1} of {len(losses)}; training stopped. Lower train.lr, or look for "
+            "non-finite values in the task's data")
 
     def grow_classes(self, task_ids: Iterable[int]) -> None:
         """Classifier rows for the classes of these tasks (before the optimizer is built)."""
@@ -325,6 +371,7 @@ class Trainer:
             return 0.0
         m = self.experience.task.modalities[0]
         logits = self.embed(data, (m,), head=self.model.classify)[m]
+        self.check_finite(self.experience.task, m, logits, "logits of test row")
         predicted = self.model.class_ids.cpu()[logits.argmax(dim=1)]
         return accuracy(predicted, data.labels)
 
@@ -345,13 +392,17 @@ class Trainer:
                 self._call("after_eval_exp")
                 continue
             z = self.embed(task.test, task.modalities)
+            for m in task.modalities:
+                self.check_finite(task, m, z[m], "embedding of test row")
             a, b = task.modalities
             cfg = self.eval_cfg
             metrics = retrieval_recalls(z[a], z[b], cfg.ks, cfg.pool_size, cfg.pool_draws,
-                                        seed=self.seed + exp.current_experience)
+                                        seed=self.seed + exp.current_experience,
+                                        groups=self.test_groups[exp.current_experience])
             prototypes = self.class_inputs[exp.current_experience]
             if prototypes is not None and task.test.labels is not None:
                 protos = self.model.encode(prototypes, "text").cpu()
+                self.check_finite(task, "text", protos, "embedding of class text")
                 scored = [m for m in task.modalities if m != "text"]
                 accs = [zero_shot_accuracy(z[m], protos, task.test.labels) for m in scored]
                 metrics["zeroshot"] = sum(accs) / len(accs)
@@ -361,3 +412,15 @@ class Trainer:
         self.model.train(was_training)
         return results
 
+    def check_finite(self, task: Task, modality: str, values: torch.Tensor, what: str) -> None:
+        """Stop at a non-finite evaluation output (a NaN row would otherwise score), naming the
+        task, the modality and the first bad row."""
+        finite = torch.isfinite(values.reshape(len(values), -1))
+        bad = (~finite).any(1).nonzero()
+        if len(bad):
+            row = int(bad[0])
+            value = values[row].reshape(-1)[~finite[row]][0].item()
+            raise TrainingError(
+                f"task {task.name!r}: at evaluation the {modality} {what} {row} holds {value} "
+                f"({len(bad)} of {len(values)} rows are not finite); lower train.lr, or look "
+                "for non-finite values in the data")

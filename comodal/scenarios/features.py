@@ -30,57 +30,80 @@ from comodal.errors import DataError
 from comodal.scenarios.data import MultimodalDataset
 
 SPLITS = ("train", "test")
+INDEX_HEADER = "id,split[,label]"
 
 
 def read_index(path: Path, where: str) -> tuple[list[str], list[str], list[int] | None]:
     """ids, splits and labels (or None) of an index CSV, checked row by row."""
-    if not path.is_file():
-        raise DataError(f"{where}: index file {str(path)!r} does not exist")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("id", "split") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{where}: {path} has no column {missing[0]!r} (header: "
-                            f"{', '.join(reader.fieldnames or [])}; needed: id, split, "
-                            "optionally label)")
-        has_label = "label" in reader.fieldnames
-        ids, splits, labels = [], [], []
-        for line, row in enumerate(reader, start=2):
-            if row["split"] not in SPLITS:
-                raise DataError(f"{where}: {path} line {line}: split {row['split']!r} is not "
-                                f"one of {', '.join(SPLITS)}")
-            if not row["id"]:
-                raise DataError(f"{where}: {path} line {line}: empty id")
-            ids.append(row["id"])
-            splits.append(row["split"])
-            if has_label:
-                try:
-                    labels.append(int(row["label"]))
-                except (TypeError, ValueError):
-                    labels.append(-1)
-                if labels[-1] < 0:
-                    raise DataError(f"{where}: {path} line {line}: label {row['label']!r} is not "
-                                    "a class id (an integer >= 0)")
+    _check_file(path, where, "index")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return _read_index_rows(csv.DictReader(f), path, where)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{where}: {path} is not a CSV text file ({type(err).__name__}); "
+                        f"expected a header line {INDEX_HEADER!r} and a row per item") from None
+
+
+def _read_index_rows(reader: csv.DictReader, path: Path,
+                     where: str) -> tuple[list[str], list[str], list[int] | None]:
+    missing = [c for c in ("id", "split") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{where}: {path} has no column {missing[0]!r}: its first line begins "
+                        f"{_preview(','.join(reader.fieldnames or []))}; expected the header "
+                        f"{INDEX_HEADER!r}")
+    has_label = "label" in reader.fieldnames
+    ids, splits, labels = [], [], []
+    for line, row in enumerate(reader, start=2):
+        if row["split"] not in SPLITS:
+            raise DataError(f"{where}: {path} line {line}: split {_preview(row['split'])} is "
+                            f"not one of {', '.join(SPLITS)}")
+        if not row["id"]:
+            raise DataError(f"{where}: {path} line {line}: empty id")
+        ids.append(row["id"])
+        splits.append(row["split"])
+        if has_label:
+            try:
+                labels.append(int(row["label"]))
+            except (TypeError, ValueError):
+                labels.append(-1)
+            if labels[-1] < 0:
+                raise DataError(f"{where}: {path} line {line}: label {_preview(row['label'])} "
+                                "is not a class id (an integer >= 0)")
     if not ids:
         raise DataError(f"{where}: {path} lists no items")
     seen: dict[str, int] = {}
     for line, item in enumerate(ids, start=2):
         if item in seen:
-            raise DataError(f"{where}: {path} line {line}: id {item!r} is also on line "
+            raise DataError(f"{where}: {path} line {line}: id {_preview(item)} is also on line "
                             f"{seen[item]}")
         seen[item] = line
     return ids, splits, labels if has_label else None
 
 
+def _preview(text: str | None, limit: int = 40) -> str:
+    """``text`` quoted for a message: at most ``limit`` characters, unprintable ones as '?'."""
+    text = str(text)
+    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return repr(shown) + ("..." if len(text) > limit else "")
+
+
+def _check_file(path: Path, where: str, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{where}: {what} file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise DataError(f"{where}: {what} file {str(path)!r} is not a regular file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{where}: {what} file {str(path)!r} is empty (0 bytes)")
+
+
 def read_array(path: Path, where: str) -> tuple[torch.Tensor, list[str] | None]:
     """The 2-D float embeddings of one modality file and its row ids, if it carries them."""
-    if not path.is_file():
-        raise DataError(f"{where}: features file {str(path)!r} does not exist")
+    _check_file(path, where, "features")
     ids = None
     if path.suffix == ".npy":
         try:
             array = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, EOFError, OSError) as err:
             raise DataError(f"{where}: {path} is not a readable .npy array ({err})") from None
         sidecar = path.with_name(path.name + ".ids")
         if sidecar.is_file():
@@ -116,6 +139,18 @@ def read_array(path: Path, where: str) -> tuple[torch.Tensor, list[str] | None]:
     return array, ids
 
 
+def check_finite(array: torch.Tensor, path: Path, ids: list[str], index: Path,
+                 where: str) -> None:
+    """Refuse NaN or inf: one such row silently corrupts every score it enters (a NaN
+    similarity used to rank as a hit)."""
+    bad = (~torch.isfinite(array)).any(1).nonzero().flatten()
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(f"{where}: {path} row {row} (id {_preview(ids[row])}, {index} line "
+                        f"{row + 2}) holds NaN or inf; {len(bad)} of {len(array)} rows do "
+                        "(features must be finite)")
+
+
 def load_features(name: str, cfg: FeaturesConfig) -> tuple[MultimodalDataset, MultimodalDataset]:
     """Train and test datasets of ``features/<name>``, with every shape and id checked."""
     where = f"data.features.{name}"
@@ -139,6 +174,7 @@ def load_features(name: str, cfg: FeaturesConfig) -> tuple[MultimodalDataset, Mu
                 if got != want:
                     raise DataError(f"{where}.modalities.{modality}: {path} row {row} has id "
                                     f"{got!r} where {index} line {row + 2} has {want!r}")
+        check_finite(array, path, ids, index, f"{where}.modalities.{modality}")
         columns[modality] = array
         stat = path.stat()
         digest.update(f"{modality}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())

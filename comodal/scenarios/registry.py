@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,7 +81,8 @@ def build_scenario(config: RunConfig) -> Scenario:
         order, increments = ci.order, ci.increments
         if ci.groups_per_task:
             order, increments = group_order(splits, ci.groups_per_task)
-        return class_incremental(splits, ci.dataset, tuple(ci.modalities), increments, order)
+        return class_incremental(splits, ci.dataset, tuple(ci.modalities), increments, order,
+                                 ci.subset)
     tasks, built = [], {}
     for i, tc in enumerate(config.scenario.tasks):
         if tc.dataset not in built:
@@ -92,16 +95,29 @@ def build_scenario(config: RunConfig) -> Scenario:
     return Scenario(tasks)
 
 
-def class_groups(num_classes: int, increments: list[int],
-                 order: list[int] | None = None) -> list[list[int]]:
+def class_groups(num_classes: int, increments: list[int], order: list[int] | None = None,
+                 subset: bool = False) -> list[list[int]]:
     """Classes per task: ``order`` (default ascending) cut by ``increments``; the last
-    increment repeats while classes remain (the final task may be smaller)."""
+    increment repeats while classes remain (the final task may be smaller). ``order`` names
+    every class once, or, with ``subset``, some classes (the others are left out, and said so)."""
     where = "scenario.class_incremental"
     order = list(range(num_classes)) if order is None else list(order)
     bad = [c for c in order if not 0 <= c < num_classes]
     if bad:
         raise ConfigError(f"{where}.order: class {bad[0]} is not a class of the dataset "
                           f"(ids 0..{num_classes - 1})")
+    repeated = [(c, n) for c, n in Counter(order).items() if n > 1]
+    if repeated:
+        raise ConfigError(f"{where}.order: class {repeated[0][0]} is listed {repeated[0][1]} "
+                          "times; each class arrives in one task")
+    missing = sorted(set(range(num_classes)) - set(order))
+    if missing:
+        listed = _ids(missing)
+        if not subset:
+            raise ConfigError(f"{where}.order: names {len(order)} of the dataset's {num_classes} "
+                              f"classes; name every class (missing: {listed})")
+        print(f"comodal: {where}: using {len(order)} of {num_classes} classes, in the order "
+              f"{_ids(order)}; left out: {listed}", file=sys.stderr)
     if sum(increments) > len(order):
         raise ConfigError(f"{where}.increments: {increments} adds up to {sum(increments)} "
                           f"classes, but the order has {len(order)}")
@@ -113,6 +129,11 @@ def class_groups(num_classes: int, increments: list[int],
         groups.append(order[start:start + size])
         start += size
     return groups
+
+
+def _ids(classes: list[int], limit: int = 40) -> str:
+    shown = ", ".join(map(str, classes[:limit]))
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")
 
 
 def group_order(splits: Splits, per_task: int) -> tuple[list[int], list[int]]:
@@ -133,12 +154,15 @@ def group_order(splits: Splits, per_task: int) -> tuple[list[int], list[int]]:
 
 
 def class_incremental(splits: Splits, dataset: str, modalities: tuple[str, ...],
-                      increments: list[int], order: list[int] | None = None) -> Scenario:
-    """One ``classify`` task per group of classes, each with its classes' rows of ``splits``."""
+                      increments: list[int], order: list[int] | None = None,
+                      subset: bool = False) -> Scenario:
+    """One ``classify`` task per group of classes, each with its classes' rows of ``splits``
+    (``order`` and ``subset`` as in ``class_groups``)."""
     if splits.train.labels is None or not splits.class_names:
         raise ConfigError(f"scenario.class_incremental.dataset: {dataset!r} has no labels")
+    groups = class_groups(len(splits.class_names), increments, order, subset)
     tasks = []
-    for i, classes in enumerate(class_groups(len(splits.class_names), increments, order)):
+    for i, classes in enumerate(groups):
         keep = torch.tensor(classes)
         parts = [data.subset(torch.isin(data.labels, keep).nonzero().flatten().tolist())
                  for data in (splits.train, splits.test)]

@@ -2,10 +2,11 @@
 its layout) and SLURP, each as utterances with transcript, intent label and speaker.
 
 Every row is checked when the corpus is read: a missing field, an intent outside the known
-set, or an audio file that is missing, unreadable or empty stops with a message naming the
-file and the row; with ``on_error: skip`` such rows are dropped instead, counted, and the
-count and the first reasons are printed. Audio is read lazily (once, when the run prepares its
-data) and resampled to the model's rate there.
+set, or an audio file that is missing, unreadable, empty or shorter than ``MIN_SECONDS`` stops
+with a message naming the file and the row; with ``on_error: skip`` such rows are dropped
+instead, counted, and the count and the first reasons are printed. Audio is read lazily (once,
+when the run prepares its data) and resampled to the model's rate there; a file holding NaN or
+inf samples stops the run then, named.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile
 import torch
 
@@ -29,6 +31,11 @@ from comodal.scenarios.synth_fsc import INTENTS
 FSC_COLUMNS = ("path", "speakerId", "transcription", "action", "object", "location")
 FSC_INTENTS = {intent: i for i, intent in enumerate(INTENTS)}
 ON_ERROR = ("raise", "skip")
+# Shortest usable utterance. Below a few 10 ms log-mel hops the per-utterance statistics of the
+# encoders are undefined (one frame has no spread: the loss becomes NaN), and wav2vec2's front
+# end needs 25 ms for a single frame; 0.1 s (10 hops) clears both, and no spoken command is
+# shorter.
+MIN_SECONDS = 0.1
 
 
 class AudioFiles(Sequence):
@@ -46,6 +53,8 @@ class AudioFiles(Sequence):
             wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
         except (OSError, RuntimeError, soundfile.LibsndfileError) as err:
             raise DataError(f"{self.where[index]}: cannot read {path} ({err})") from None
+        if not np.isfinite(wave).all():
+            raise DataError(f"{self.where[index]}: audio file {path} holds NaN or inf samples")
         return torch.from_numpy(wave.T.copy()), int(rate)
 
 
@@ -59,6 +68,10 @@ def check_audio(path: Path) -> str | None:
         return f"audio file {path} is unreadable ({str(err).strip()})"
     if info.frames == 0:
         return f"audio file {path} is empty"
+    if info.frames < MIN_SECONDS * info.samplerate:
+        seconds = info.frames / info.samplerate
+        return (f"audio file {path} lasts {info.frames} samples ({seconds:.4f} s); utterances "
+                f"must last at least {MIN_SECONDS} s")
     return None
 
 
@@ -86,13 +99,18 @@ class Rows:
         self.speakers.append(speaker)
 
     def dataset(self, name: str, source: str, what: str) -> MultimodalDataset:
-        """The checked rows; the fingerprint covers ``source`` and every kept file."""
+        """The checked rows; the fingerprint covers ``source`` and every kept file's path, size
+        and modification time, so that a replaced file is not served from the feature cache.
+        (Content digests would read the whole corpus, hundreds of MB for FSC's 30,000
+        utterances, each time a run builds the dataset; a stat per file is cheap.)"""
         if self.skipped:
             print(f"comodal: {what}: skipped {len(self.skipped)} rows (on_error: skip); first: "
                   + "; ".join(self.skipped[:3]), file=sys.stderr)
         if not self.paths:
             raise DataError(f"{what}: no usable rows")
-        kept = hashlib.sha256("\n".join(map(str, self.paths)).encode()).hexdigest()[:12]
+        files = (f"{p}\t{st.st_size}\t{st.st_mtime_ns}" for p, st in
+                 ((p, p.stat()) for p in self.paths))
+        kept = hashlib.sha256("\n".join(files).encode()).hexdigest()[:12]
         return MultimodalDataset(
             name, f"{source}-{kept}",
             {"audio": AudioFiles(self.paths, self.where), "text": self.texts},

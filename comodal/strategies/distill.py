@@ -1,7 +1,9 @@
 """Distillation from the model as it was at the start of each task (the teacher).
 
 ``kd`` (Cappellazzo et al., Interspeech 2023), for class-incremental tasks: feature KD, the
-mean squared error between student and teacher joint features, and prediction KD,
+mean squared error between student and teacher features (by default, as in the paper, the
+encoder's pooled output, the input of the projection head; ``feature_layer: joint`` the head's
+output), and prediction KD,
 KL(teacher || student) over the old classes' logits at temperature τ, scaled by τ². Each acts
 on the rehearsal rows only (weight α = sqrt(n_rehearsal / n_batch)) or on the whole batch
 (α = log(1 + old classes / all classes)), as the paper weighs them, unless a weight is given.
@@ -9,8 +11,8 @@ on the rehearsal rows only (weight α = sqrt(n_rehearsal / n_batch)) or on the w
 ``relation_kd`` (Co2L's instance-relation distillation, Cha et al. 2021, on cross-modal
 pairs): the student's softmax over each row's similarities to the batch's partner embeddings
 (both directions) is pulled to the teacher's, KL(teacher || student), on pairs the teacher
-had learned: the current batch when both of its modalities were trained before, and every
-replayed side batch.
+had learned: batches (the current one, and replayed side batches) whose unordered modality
+pair an earlier task trained. Two modalities each trained in other pairs are not such a pair.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from comodal.errors import ConfigError
 from comodal.strategies.base import Strategy
 
 SCOPES = ("rehearsal", "batch", "off")
+LAYERS = ("auto", "encoder", "joint")
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,6 +53,17 @@ class TeacherStrategy(Strategy):
         self.teacher = frozen_copy(strategy.model) if strategy.experience_index > 0 else None
 
 
+def catch_input(module: torch.nn.Module, caught: list[torch.Tensor]) -> Any:
+    """Append ``module``'s input at its next call to ``caught``, once; returns the hook's
+    handle (removing it again is harmless)."""
+    def hook(mod: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        caught.append(inputs[0])
+        handle.remove()
+
+    handle = module.register_forward_pre_hook(hook)
+    return handle
+
+
 def kl_distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher / τ) || softmax(student / τ)) averaged over rows, times τ²."""
     log_p = F.log_softmax(student / temperature, dim=1)
@@ -64,10 +78,14 @@ class KDConfig:
     temperature: float = 2.0
     feature_weight: float | None = None  # default: the α rule of the scope
     prediction_weight: float | None = None
+    # encoder: the trained encoder's pooled output (the paper's); joint: the head's output;
+    # auto: encoder where the classified modality's encoder is trained, joint on frozen features
+    feature_layer: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("strategy_args.kd.feature", self.feature, SCOPES)
         check_choice("strategy_args.kd.prediction", self.prediction, SCOPES)
+        check_choice("strategy_args.kd.feature_layer", self.feature_layer, LAYERS)
         if self.temperature <= 0:
             raise ConfigError(f"strategy_args.kd.temperature: must be > 0, got {self.temperature}")
         for field in ("feature_weight", "prediction_weight"):
@@ -85,18 +103,55 @@ class KD(TeacherStrategy):
     Config = KDConfig
     kinds = ("classify",)
 
+    def __init__(self, config: KDConfig | None = None) -> None:
+        super().__init__(config)
+        self.layer = self.config.feature_layer  # auto is resolved at each task's start
+        self._caught: list[torch.Tensor] = []
+        self._handle: Any = None
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        super().before_training(strategy, **kwargs)
+        cfg, m = self.config, strategy.scenario.tasks[strategy.experience_index].modalities[0]
+        trained = m in strategy.model.encoders
+        if cfg.feature_layer == "encoder" and cfg.feature != "off" and not trained:
+            raise ConfigError(f"strategy_args.kd.feature_layer: 'encoder' distils a trained "
+                              f"encoder's output, and {m!r} has a frozen backbone whose cached "
+                              "features never change (use feature_layer: joint or auto)")
+        if cfg.feature_layer == "auto":
+            self.layer = "encoder" if trained else "joint"
+
+    def before_forward(self, strategy: Any, **kwargs: Any) -> None:
+        """Catch the student's pooled encoder output as its head reads it in the training
+        forward pass, so that a trained encoder does not run twice."""
+        if self.teacher is not None and self.config.feature != "off" and self.layer == "encoder":
+            self._caught = []
+            head = strategy.model.heads[strategy.pair(strategy.mbatch)[0]]
+            self._handle = catch_input(head, self._caught)
+
+    def distilled(self, strategy: Any) -> tuple[torch.Tensor, Any]:
+        """The student's features to distil, and the teacher's output with ``features`` of the
+        same layer."""
+        batch, student = strategy.mbatch, strategy.mb_output
+        with torch.no_grad():
+            if self.layer != "encoder":
+                return student.features, strategy.forward(batch, self.teacher)
+            self._handle.remove()
+            caught: list[torch.Tensor] = []
+            catch_input(self.teacher.heads[strategy.pair(batch)[0]], caught)
+            teacher = strategy.forward(batch, self.teacher)
+        return self._caught[0], teacher._replace(features=caught[0])
+
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.teacher is None:
             return
         batch, student = strategy.mbatch, strategy.mb_output
         rehearsal = batch.get("rehearsal")
         old = len(self.teacher.class_ids)
-        with torch.no_grad():
-            teacher = strategy.forward(batch, self.teacher)
+        features, teacher = self.distilled(strategy)
         cfg = self.config
         for scope, weight, term in (
             (cfg.feature, cfg.feature_weight,
-             lambda rows: F.mse_loss(student.features[rows], teacher.features[rows])),
+             lambda rows: F.mse_loss(features[rows], teacher.features[rows])),
             (cfg.prediction, cfg.prediction_weight,
              lambda rows: kl_distill(student.logits[rows, :old], teacher.logits[rows],
                                      cfg.temperature)),
@@ -112,6 +167,12 @@ class KD(TeacherStrategy):
                 rows = torch.ones(len(student.logits), dtype=torch.bool)
                 alpha = math.log(1 + old / len(strategy.model.class_ids))
             strategy.loss = strategy.loss + (alpha if weight is None else weight) * term(rows)
+
+    def results(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"feature": cfg.feature, "feature_layer": self.layer,
+                "prediction": cfg.prediction, "temperature": cfg.temperature,
+                "feature_weight": cfg.feature_weight, "prediction_weight": cfg.prediction_weight}
 
 
 @dataclass
@@ -141,16 +202,17 @@ class RelationKD(TeacherStrategy):
 
     def __init__(self, config: RelationKDConfig | None = None) -> None:
         super().__init__(config)
-        self.trained: set[str] = set()  # modalities some earlier task trained
+        self.trained: set[frozenset[str]] = set()  # unordered pairs some earlier task trained
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.teacher is None:
             return
-        pairs = list(getattr(strategy, "replay_outputs", []))
-        if all(m in self.trained for m in strategy.pair(strategy.mbatch)):
-            pairs.append((strategy.mbatch, strategy.mb_output))
+        outputs = [*getattr(strategy, "replay_outputs", []),
+                   (strategy.mbatch, strategy.mb_output)]
         terms = []
-        for batch, student in pairs:
+        for batch, student in outputs:
+            if frozenset(strategy.pair(batch)) not in self.trained:
+                continue
             with torch.no_grad():
                 teacher = strategy.forward(batch, self.teacher)
             terms.append(relation_loss(student, teacher, self.config.temperature))
@@ -158,10 +220,13 @@ class RelationKD(TeacherStrategy):
             strategy.loss = strategy.loss + self.config.weight * sum(terms) / len(terms)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        self.trained.update(strategy.scenario.tasks[strategy.experience_index].modalities)
+        self.trained.add(frozenset(strategy.scenario.tasks[strategy.experience_index].modalities))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"trained": sorted(self.trained)}
+        return {"trained_pairs": sorted(sorted(pair) for pair in self.trained)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.trained = set(state["trained"])
+        if "trained_pairs" not in state:  # an older comodal kept modalities, not pairs
+            raise ConfigError("relation_kd: this checkpoint lists the modalities trained, not "
+                              "the pairs; rerun from the start (a new --out)")
+        self.trained = {frozenset(pair) for pair in state["trained_pairs"]}

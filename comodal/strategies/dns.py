@@ -12,12 +12,15 @@ scale-aware and reported, and ``mode: update`` projects the optimizer's actual p
 (AdamW's element-wise scaling would otherwise leave the protected subspace). By default C̃ is
 rebuilt before each task from the partners' stored input moments through the partners' heads
 as they are now: a partner head moved by a later task would otherwise leave the stored
-embeddings stale (``partner_embeddings: snapshot`` keeps the paper's form).
+embeddings stale (``partner_embeddings: snapshot`` keeps the paper's form). ``preset: paper``
+is the reference code's setting: grad mode, absolute cuts (input 0.1, output 0) and snapshot
+partner embeddings.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,9 +40,20 @@ from comodal.strategies.projection import (
     principal_basis,
     subtract_dual_,
     subtract_input_,
+    union_basis,
 )
 
 PARTNER = ("current", "snapshot")
+# The options a preset sets, and their values without one. Options given beside a preset
+# override it, as a preset is only a starting point.
+DEFAULTS = {"mode": "update", "input_rule": "relative", "input_threshold": 1e-4,
+            "output_rule": "relative", "output_threshold": 1e-4, "partner_embeddings": "current"}
+PRESETS = {
+    # the CMCL reference code: gradient projection, absolute cuts, embeddings at each task's end
+    "paper": {"mode": "grad", "input_rule": "absolute", "input_threshold": 0.1,
+              "output_rule": "absolute", "output_threshold": 0.0,
+              "partner_embeddings": "snapshot"},
+}
 
 
 class HeadBasis(NamedTuple):
@@ -53,30 +67,44 @@ class HeadBasis(NamedTuple):
 
 @dataclass
 class DNSConfig:
-    # Defaults chosen on synth-pairs (examples/projection_study.py sweep; examples/README.md)
-    mode: str = "update"  # grad: project G before the step (paper); update: project the step
-    input_rule: str = "relative"  # energy (retained fraction) | relative (to the top eigenvalue)
-    input_threshold: float = 1e-4
-    output_rule: str = "relative"
-    output_threshold: float = 1e-4
+    # None: the preset's value, else DEFAULTS (chosen on synth-pairs: examples/projection_study.py
+    # sweep; examples/README.md)
+    preset: str | None = None  # paper: the reference code's setting (PRESETS)
+    mode: str | None = None  # grad: project G before the step (paper); update: project the step
+    # energy (retained fraction) | relative (to the top eigenvalue) | absolute (the paper's)
+    input_rule: str | None = None
+    input_threshold: float | None = None
+    output_rule: str | None = None
+    output_threshold: float | None = None
     form: str = "auto"  # auto picks the cheaper of dense and low-rank from the kept ranks
     # grad mode: project a head's gradient G = Δᵀ X through its batch factors when cheaper
     batch_form: bool = True
     modalities: list[str] | None = None  # heads to protect; default every head
     encoder_layers: bool = False  # also project every nn.Linear of trainable encoders (input side)
-    keep_norms: bool = False  # C̃_m also absorbs m's own embeddings, so their norms hold too
+    # P̃_m also spans m's own old embeddings, so their norms hold too: the own and the partner
+    # moments are cut each on its own and P̃_m projects onto the union of the two bases
+    keep_norms: bool = False
     # current: C̃_m is rebuilt before each task from the partners' stored input moments through
     # the partners' heads as they are now; snapshot: the paper's embeddings at each task's end
-    partner_embeddings: str = "current"
+    partner_embeddings: str | None = None
 
     def __post_init__(self) -> None:
+        if self.preset is not None:
+            check_choice("strategy_args.dns.preset", self.preset, PRESETS)
+        for field, value in PRESETS.get(self.preset, DEFAULTS).items():
+            if getattr(self, field) is None:
+                setattr(self, field, value)
         for field, valid in (("mode", MODES), ("form", FORMS), ("partner_embeddings", PARTNER),
                              ("input_rule", RULES), ("output_rule", RULES)):
             check_choice(f"strategy_args.dns.{field}", getattr(self, field), valid)
-        for field in ("input_threshold", "output_threshold"):
-            if not 0 < getattr(self, field) <= 1:
-                raise ConfigError(f"strategy_args.dns.{field}: must be in (0, 1], "
-                                  f"got {getattr(self, field)}")
+        for side in ("input", "output"):
+            rule, value = getattr(self, f"{side}_rule"), getattr(self, f"{side}_threshold")
+            if rule == "absolute" and not 0 <= value < math.inf:
+                raise ConfigError(f"strategy_args.dns.{side}_threshold: the absolute rule keeps "
+                                  f"eigenvalues above a finite value >= 0, got {value}")
+            if rule != "absolute" and not 0 < value <= 1:
+                raise ConfigError(f"strategy_args.dns.{side}_threshold: must be in (0, 1] for "
+                                  f"the {rule} rule (or set {side}_rule: absolute), got {value}")
 
 
 class DNS(ProjectingStrategy):
@@ -87,6 +115,7 @@ class DNS(ProjectingStrategy):
         super().__init__(config)
         self.moment_in: dict[str, torch.Tensor] = {}  # sums of x xᵀ of each head's inputs
         self.moment_out: dict[str, torch.Tensor] = {}  # sums of y yᵀ of partner embeddings
+        self.moment_self: dict[str, torch.Tensor] = {}  # snapshot and keep_norms: own embeddings
         self.partner_inputs: dict[str, torch.Tensor] = {}  # "m|p": sums of x_p x_pᵀ
         self.count: dict[str, int] = {}
         self.layer_moments: dict[str, torch.Tensor] = {}
@@ -117,8 +146,9 @@ class DNS(ProjectingStrategy):
                 continue  # a modality never trained has P = P̃ = 0
             u = principal_basis(self.moment_in[m] / self.count[m], cfg.input_rule,
                                 cfg.input_threshold)
-            v = principal_basis(self.output_moment(model, m) / self.count[m], cfg.output_rule,
-                                cfg.output_threshold)
+            v = union_basis(*(principal_basis(s / self.count[m], cfg.output_rule,
+                                              cfg.output_threshold)
+                              for s in self.output_moments(model, m)))
             weight = model.heads[m].weight
             form = choose_form(weight.shape[0], weight.shape[1], v.shape[1], u.shape[1],
                                cfg.form)
@@ -211,17 +241,21 @@ class DNS(ProjectingStrategy):
         return True
 
     @torch.no_grad()
-    def output_moment(self, model: Any, m: str) -> torch.Tensor:
-        """Sum of y yᵀ over the old embeddings y that m's head must stay orthogonal to."""
+    def output_moments(self, model: Any, m: str) -> list[torch.Tensor]:
+        """Sums of y yᵀ over the old embeddings y that m's head must stay orthogonal to: its
+        partners', and with ``keep_norms`` its own, each to be cut on its own (one cut of their
+        sum would drop the directions of whichever is smaller in scale)."""
+        keep_norms = self.config.keep_norms
         if self.config.partner_embeddings == "snapshot":
-            return self.moment_out[m]
-        total = 0
+            return [self.moment_out[m]] + ([self.moment_self[m]] if keep_norms else [])
+        partners = 0
         for key, moment in self.partner_inputs.items():
             owner, partner = key.split("|")
-            if owner == m:
+            if owner == m and partner != m:
                 w = model.heads[partner].weight
-                total = total + w @ moment @ w.T
-        return total
+                partners = partners + w @ moment @ w.T
+        w = model.heads[m].weight
+        return [partners] + ([w @ self.moment_in[m] @ w.T] if keep_norms else [])
 
     def targets(self, strategy: Any) -> list[tuple[str, torch.nn.Linear, Any]]:
         """(name, layer, basis) to project this step: heads of the batch's pair (dual-sided)
@@ -246,39 +280,36 @@ class DNS(ProjectingStrategy):
     @torch.no_grad()
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         """Absorb this task's moments, from the task's own pair (A, B): C_A, C_B from the
-        inputs; C̃_B from A's embeddings and C̃_A from B's, as the heads are now."""
+        inputs; C̃_B from A's embeddings and C̃_A from B's, as the heads are now; in one pass
+        over the task's data in eval mode."""
         self._release()
         index = strategy.experience_index
         a, b = strategy.scenario.tasks[index].modalities
-        model = strategy.model
-        was_training = model.training
-        model.eval()
-        batches = [strategy.to_device(batch) for batch in strategy.ordered_loader(index)]
-        snapshot = self.config.partner_embeddings == "snapshot"
-        for batch in batches:
+        model, cfg = strategy.model, self.config
+        snapshot = cfg.partner_embeddings == "snapshot"
+        layers = {}
+        for m in (a, b) if cfg.encoder_layers else ():
+            if m in model.encoders:
+                layers.update(linear_layers(model.encoders[m], f"encoders.{m}."))
+
+        def absorb(batch: dict[str, Any]) -> None:
             x = {m: model.backbone(batch[m], m) for m in (a, b)}
             xx = {m: x[m].T @ x[m] for m in (a, b)}
             z = {m: model.heads[m](x[m]) for m in (a, b)} if snapshot else {}
             for m, partner in ((a, b), (b, a)):
                 self._add(self.moment_in, m, xx[m])
                 self._add(self.partner_inputs, f"{m}|{partner}", xx[partner])
-                if self.config.keep_norms:
-                    self._add(self.partner_inputs, f"{m}|{m}", xx[m])
                 if snapshot:  # the paper's C̃: embeddings as they are at the task's end
-                    for owner in (partner, m) if self.config.keep_norms else (partner,):
-                        self._add(self.moment_out, m, z[owner].T @ z[owner])
+                    self._add(self.moment_out, m, z[partner].T @ z[partner])
+                    if cfg.keep_norms:
+                        self._add(self.moment_self, m, z[m].T @ z[m])
                 self.count[m] = self.count.get(m, 0) + len(x[m])
-        if self.config.encoder_layers:
-            layers = {}
-            for m in (a, b):
-                if m in model.encoders:
-                    layers.update(linear_layers(model.encoders[m], f"encoders.{m}."))
-            moments = input_moments(layers, lambda batch: [model.backbone(batch[m], m)
-                                                           for m in (a, b)], batches)
-            for name, (s, n) in moments.items():
-                self._add(self.layer_moments, name, s)
-                self.layer_count[name] = self.layer_count.get(name, 0) + n
-        model.train(was_training)
+
+        # the encoders' layers see their inputs while absorb runs the backbones
+        moments = input_moments(layers, absorb, strategy.statistics_pass(index))
+        for name, (s, n) in moments.items():
+            self._add(self.layer_moments, name, s)
+            self.layer_count[name] = self.layer_count.get(name, 0) + n
 
     @staticmethod
     def _add(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
@@ -287,7 +318,8 @@ class DNS(ProjectingStrategy):
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (tensors and plain containers only)."""
         state = {"moment_in": self.moment_in, "moment_out": self.moment_out,
-                 "partner_inputs": self.partner_inputs, "count": self.count,
+                 "moment_self": self.moment_self, "partner_inputs": self.partner_inputs,
+                 "count": self.count,
                  "layer_moments": self.layer_moments, "layer_count": self.layer_count,
                  "ranks": self.ranks}
         return {key: copy.copy(value) for key, value in state.items()}  # not the live dicts
@@ -298,7 +330,8 @@ class DNS(ProjectingStrategy):
 
     def results(self) -> dict[str, Any]:
         cfg = self.config
-        return {"mode": cfg.mode, "form": cfg.form, "partner_embeddings": cfg.partner_embeddings,
+        return {"preset": cfg.preset, "mode": cfg.mode, "form": cfg.form,
+                "partner_embeddings": cfg.partner_embeddings,
                 "input_threshold": {"rule": cfg.input_rule, "value": cfg.input_threshold},
                 "output_threshold": {"rule": cfg.output_rule, "value": cfg.output_threshold},
                 "kept_ranks": self.ranks}

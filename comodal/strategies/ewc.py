@@ -61,9 +61,9 @@ class EWC(Strategy):
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         rows = 0
-        # batches of the training size, so the loss (and its negatives) is the one trained
-        for batch in strategy.ordered_loader(index, strategy.train_mb_size):
-            batch = strategy.to_device(batch)
+        # batches of the training size, so the loss (and its negatives) is the one trained; in
+        # eval mode, so that batch-norm running statistics do not move
+        for batch in strategy.statistics_pass(index, strategy.train_mb_size):
             n = len(batch["index"])
             model.zero_grad(set_to_none=True)
             za, zb = (model.encode(batch, m) for m in pair)

@@ -98,12 +98,8 @@ class GPM(ProjectingStrategy):
         index = strategy.experience_index
         pair = strategy.scenario.tasks[index].modalities
         model = strategy.model
-        was_training = model.training
-        model.eval()
-        batches = [strategy.to_device(b) for b in strategy.ordered_loader(index)]
-        moments = input_moments(self._layers,
-                                lambda batch: [model.encode(batch, m) for m in pair], batches)
-        model.train(was_training)
+        moments = input_moments(self._layers, lambda batch: [model.encode(batch, m) for m in pair],
+                                strategy.statistics_pass(index))
         cfg = self.config
         threshold = min(cfg.threshold + cfg.threshold_step * self.tasks_seen, cfg.max_threshold)
         for name, (moment, n) in moments.items():

@@ -1,6 +1,7 @@
 """Subspace maths shared by the gradient-projection strategies (DNS, GPM): bases kept by a
-scale-aware threshold, one- and two-sided projections in dense or low-rank form, and input
-second moments of linear layers collected through forward hooks."""
+scale-aware (or the CMCL code's absolute) threshold and their unions, one- and two-sided
+projections in dense or low-rank form, and input second moments of linear layers collected
+through forward hooks."""
 
 from __future__ import annotations
 
@@ -10,16 +11,20 @@ from typing import Any
 import torch
 from torch import nn
 
-RULES = ("energy", "relative")
+RULES = ("energy", "relative", "absolute")
 FORMS = ("auto", "dense", "lowrank")
 
 
-def kept_rank(eigenvalues: torch.Tensor, rule: str, threshold: float) -> int:
+def kept_rank(eigenvalues: torch.Tensor, rule: str, threshold: float,
+              eps: float | None = None) -> int:
     """How many leading eigenvalues (sorted descending) to keep.
 
     ``energy``: the fewest whose sum reaches ``threshold`` of the total (retained energy);
     ``relative``: those at least ``threshold`` times the largest. Both are invariant to the
-    scale of the features, unlike an absolute cut."""
+    scale of the features. ``absolute`` (the CMCL reference code's cut): those above
+    ``threshold`` and above the round-off floor ``eps`` x largest x dimension (numpy's
+    ``matrix_rank`` tolerance; ``eps`` defaults to the eigenvalues' dtype's), so that a cut at
+    0 keeps the moment's rank, not the directions that are zero up to round-off."""
     lam = eigenvalues.clamp(min=0)
     total = lam.sum()
     if total <= 0:
@@ -29,15 +34,32 @@ def kept_rank(eigenvalues: torch.Tensor, rule: str, threshold: float) -> int:
         return int(reached.float().argmax()) + 1 if reached.any() else len(lam)
     if rule == "relative":
         return int((lam >= threshold * lam[0]).sum())
+    if rule == "absolute":
+        eps = torch.finfo(eigenvalues.dtype).eps if eps is None else eps
+        return int((lam > max(threshold, eps * float(lam[0]) * len(lam))).sum())
     raise ValueError(f"unknown threshold rule {rule!r} (valid: {', '.join(RULES)})")
 
 
 def principal_basis(moment: torch.Tensor, rule: str, threshold: float) -> torch.Tensor:
-    """Orthonormal basis ``[d, k]`` of the leading eigenvectors of a second-moment matrix."""
+    """Orthonormal basis ``[d, k]`` of the leading eigenvectors of a second-moment matrix
+    (decomposed in float64; the round-off floor is that of the moment's own dtype)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(moment.double())
     order = eigenvalues.argsort(descending=True)
-    k = kept_rank(eigenvalues[order], rule, threshold)
+    k = kept_rank(eigenvalues[order], rule, threshold, torch.finfo(moment.dtype).eps)
     return eigenvectors[:, order[:k]].to(moment.dtype)
+
+
+def union_basis(*bases: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis of the span of several orthonormal bases ``[d, k_i]``: the left
+    singular vectors of their concatenation with singular value above ``tol`` (a direction
+    within about ``tol`` radians of the others' span adds nothing)."""
+    if len(bases) == 1:
+        return bases[0]
+    stacked = torch.cat(bases, dim=1)
+    if stacked.shape[1] == 0:
+        return stacked
+    u, s, _ = torch.linalg.svd(stacked.double(), full_matrices=False)
+    return u[:, s > tol].to(stacked.dtype)
 
 
 def dual_flops(out_dim: int, in_dim: int, k_out: int, k_in: int) -> dict[str, int]:

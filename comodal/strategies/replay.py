@@ -121,11 +121,10 @@ class ER(Strategy):
         modalities = task.modalities[:1] if task.kind == "classify" else task.modalities
 
         def features() -> torch.Tensor:
-            was_training = strategy.model.training
-            strategy.model.eval()  # no batch-norm statistics updated, no dropout
-            z = strategy.embed(task.train, modalities)
-            strategy.model.train(was_training)
-            return torch.cat([z[m] for m in modalities], dim=1)
+            """Each row's joint embeddings, side by side."""
+            return torch.cat([torch.cat([strategy.model.encode(batch, m) for m in modalities],
+                                        dim=1).cpu()
+                              for batch in strategy.statistics_pass(index)])
 
         self.buffer.add_task(index, task.train.labels, features, strategy.generator)
 
