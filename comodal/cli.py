@@ -64,6 +64,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.out = args.out
     if config.out is None:
         config.out = str(Path("runs") / Path(args.config).stem / "-".join(config.strategies))
+    from comodal.platform.metrics import POOLED
     from comodal.platform.results import format_matrix, format_summaries
     from comodal.platform.run import HEADLINE, run
 
@@ -82,17 +83,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for metric in HEADLINE:
         if metric in result.summary:
             print()
-            print(format_summaries({label: result.summary}, metric))
+            print(format_summaries({label: result.summary}, metric, metric in POOLED))
     return 0
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from comodal.platform.results import format_matrix, format_summaries, read_run
+    from comodal.platform.results import (
+        check_same_format,
+        format_matrix,
+        format_summaries,
+        read_run,
+    )
     from comodal.platform.run import HEADLINE
 
     paths = [Path(p).resolve() for p in args.runs]
     common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
     runs = {str(p.relative_to(common)) or p.name: read_run(p) for p in paths}
+    check_same_format(runs)
     available = set.intersection(*(set(r["summary"]) for r in runs.values()))
     if args.metric and args.metric not in available:
         raise ConfigError(f"--metric: {args.metric!r} is not in every run "
@@ -106,7 +113,8 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
         print(format_matrix(matrix, data["tasks"], metrics[0]))
     for metric in metrics:
         print()
-        print(format_summaries({n: r["summary"] for n, r in runs.items()}, metric))
+        pooled = all(metric in r.get("pooled_acc", ()) for r in runs.values())
+        print(format_summaries({n: r["summary"] for n, r in runs.items()}, metric, pooled))
     return 0
 
 

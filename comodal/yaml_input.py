@@ -102,3 +102,31 @@ def shown(value: Any, limit: int = 200) -> str:
     compute, however large the value)."""
     text = repr(value[:limit]) if isinstance(value, str) else _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def config_diff(old: str, new: str, limit: int = 10) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two resolved
+    configs given as YAML text (as ``identity`` writes them); at most ``limit`` lines."""
+    before, after = _flatten(yaml.safe_load(old) or {}), _flatten(yaml.safe_load(new) or {})
+    lines = [f"{key}: {_show(before, key)} -> {_show(after, key)}"
+             for key in sorted(before.keys() | after.keys())
+             if key not in before or key not in after or before[key] != after[key]]
+    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(flat: dict[str, Any], key: str) -> str:
+    """The value at ``key`` as the YAML a ``--set`` would take, or ``(unset)``."""
+    if key not in flat:
+        return "(unset)"
+    text = yaml.safe_dump(flat[key], default_flow_style=True, width=1 << 16)
+    return text.removesuffix("\n...\n").strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def test_a_finished_run_of_another_config_is_refused_then_rerun_on_request(
     capsys.readouterr()
     assert main([*argv, "--set", "train.epochs=2"]) == 2
     err = capsys.readouterr().err
-    assert f"{run}: finished with another config (train.epochs: 1 -> 2)" in err
+    assert f"{run}: made with another config (train.epochs: 1 -> 2)" in err
     assert "--rerun" in err
     assert (run / "metrics.json").stat().st_mtime_ns == stamp  # nothing trained
     assert (out / "compare.json").read_text() == plan  # nor the plan rewritten
@@ -289,3 +290,41 @@ def test_a_plan_gives_each_stack_its_own_options(tiny: dict, tmp_path: Path) -> 
     assert runs[3].out == tmp_path / "out" / "er+relation_kd" / "seed1"
     with pytest.raises(ConfigError, match="strategy_args.relation_kd: 'relation_kd' is in no"):
         plan(config, ["finetune", "er"], 1, tmp_path / "out")
+
+
+def test_results_and_checkpoints_of_an_older_comodal_are_never_reused_or_mixed(
+        tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from comodal.cli import main
+
+    tiny["scenario"]["tasks"] = tiny["scenario"]["tasks"][:2]
+    tiny["train"]["epochs"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny))
+    out, run = tmp_path / "cmp", tmp_path / "cmp" / "finetune" / "seed0"
+    argv = ["compare", str(tmp_path / "config.yaml"), "--strategies", "finetune", "--seeds", "1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    shutil.copytree(run, out / "copy" / "seed0")  # a run of the current format beside it
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["results_format"]  # as comodal wrote it before formats were recorded
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert "finetune/seed0: written by an older comodal (results format 1" in \
+        capsys.readouterr().err
+    assert main(["summarize", str(run), str(out / "copy" / "seed0")]) == 2
+    assert main(argv) == 2
+    assert "results_format: 1 -> 2" in capsys.readouterr().err
+
+    # an interrupted run whose checkpoint an older comodal wrote: refused up front, and by --resume
+    (run / "metrics.json").unlink()
+    path = run / "checkpoints" / "after_task_1.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"] = state["config"].replace("results_format: 2\n", "")
+    torch.save(state, path)
+    (run / "checkpoints" / "after_task_2.pt").unlink()
+    assert main(argv) == 2
+    assert "results_format: (unset) -> 2" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "config.yaml"), "--out", str(run), "--resume"]) == 2
+    assert "results_format: (unset) -> 2" in capsys.readouterr().err
+    assert main([*argv, "--rerun"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["results_format"] == 2

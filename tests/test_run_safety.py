@@ -52,7 +52,7 @@ def _old_run(out: Path) -> None:
 
 def _old_interrupted_run(out: Path) -> None:
     (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "after_task_1.pt").write_bytes(b"")
+    torch.save({"config": "seed: 0\n"}, out / "checkpoints" / "after_task_1.pt")
     (out / "checkpoints" / ".after_task_2.pt.x1y2.tmp").write_bytes(b"")  # killed mid-write
 
 
@@ -69,6 +69,7 @@ def test_a_run_directory_an_older_comodal_wrote_is_adopted(tmp_path: Path, make)
     ({"metrics.json": '{"accuracy": 0.9}'}, "metrics.json"),  # another tool's results
     ({"tb/events": ""}, "tb"),
     ({"checkpoints/after_task_1.pt": "", "notes.txt": ""}, "notes.txt"),
+    ({"checkpoints/after_task_1.pt": "a user's own file"}, "checkpoints"),
 ])
 def test_a_directory_without_comodal_results_is_refused(
         tmp_path: Path, content: dict[str, str], named: str) -> None:
@@ -80,6 +81,7 @@ def test_a_directory_without_comodal_results_is_refused(
     with pytest.raises(ConfigError, match=f"holds {named}"):
         claim(tmp_path / "proj")
     assert not (tmp_path / "proj" / ".comodal-run").exists()
+    assert all((tmp_path / "proj" / name).read_text() == text for name, text in content.items())
 
 
 def test_a_second_run_on_a_locked_directory_is_refused_naming_the_holder(
@@ -163,7 +165,7 @@ def test_a_refused_resume_names_the_changed_field(tiny: dict, tmp_path: Path) ->
 
 
 def test_config_diff_names_added_removed_and_nested_keys() -> None:
-    from comodal.platform.run import config_diff
+    from comodal.yaml_input import config_diff
 
     old = "a: 1\nb: {c: [x, y], d: 2}\ne: {}\n"
     new = "a: 1\nb: {c: [x], d: 3}\nf: hi\n"

@@ -172,6 +172,19 @@ def test_kd_feature_layer_follows_the_backbone_and_refuses_a_frozen_encoder(
         build_strategies(["er", "kd"], {"kd": {"feature_layer": "head"}})
 
 
+def test_prediction_only_kd_runs_on_a_trained_encoder(tmp_path: Path) -> None:
+    kd = KD(KDConfig(feature="off", prediction="batch"))  # auto resolves to the encoder
+    finetune = Finetune()
+    trained = {}
+    for name, plugin in (("kd", kd), ("finetune", finetune)):
+        trainer = build_trainer(_config(tmp_path, "audio", epochs=2, lr=0.1), [plugin])
+        trainer.model.encoders["audio"] = nn.Sequential(nn.Linear(D, D), nn.Tanh())
+        trainer.fit(_classify_stream())
+        trained[name] = trainer.model.heads["audio"].weight.detach().clone()
+    assert kd.results()["feature_layer"] == "encoder"
+    assert not torch.allclose(trained["kd"], trained["finetune"])  # the KL term acted
+
+
 # ----------------------------------------------------------------------------- statistics passes
 class BatchNormProbe(Finetune):
     """Records the batch-norm statistics and the model's mode when its hook runs."""

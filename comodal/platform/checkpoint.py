@@ -13,7 +13,6 @@ atomically, so a kill never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
-import pickle
 import random
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from comodal.errors import ConfigError, DataError
 from comodal.platform.results import atomic_torch_save
+from comodal.yaml_input import config_diff
 
 PATTERN = re.compile(r"after_task_(\d+)\.pt$")
 
@@ -75,6 +75,21 @@ def saved(directory: Path) -> list[tuple[int, Path]]:
                   if (m := PATTERN.match(p.name)))
 
 
+def read(path: Path) -> dict[str, Any]:
+    """The state a checkpoint holds; a truncated file, or one that is not a comodal
+    checkpoint, is a ``DataError`` naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not isinstance(state.get("config"), str):
+            raise RuntimeError("it holds no run config")
+    except Exception as err:  # torch.load fails in many ways on what is not a checkpoint
+        reason = str(err).split("\n")[0] or "empty file"
+        raise DataError(f"{path}: truncated or corrupt checkpoint ({reason}); delete it to "
+                        "resume from the task before, or run without --resume to start "
+                        "over") from err
+    return state
+
+
 def latest(directory: Path, config: str) -> dict[str, Any] | None:
     """The checkpoint of the most tasks in ``directory``, or None; a checkpoint of another
     config is an error naming the keys that differ, since resuming it would mix two runs."""
@@ -82,18 +97,8 @@ def latest(directory: Path, config: str) -> dict[str, Any] | None:
     if not found:
         return None
     path = found[-1][1]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not isinstance(state.get("config"), str):
-            raise RuntimeError("it holds no run config")
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        reason = str(err).split("\n")[0] or "empty file"
-        raise DataError(f"{path}: truncated or corrupt checkpoint ({reason}); delete it to "
-                        "resume from the task before, or run without --resume to start "
-                        "over") from err
+    state = read(path)
     if state["config"] != config:
-        from comodal.platform.run import config_diff  # run imports the trainer, which needs us
-
         raise ConfigError(f"{path}: this checkpoint is from a run with another config "
                           f"({'; '.join(config_diff(state['config'], config))}); resume with "
                           "that config, run without --resume to start over, or write the new "

@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from comodal.config import RunConfig, from_dict, validate
 from comodal.errors import ConfigError
-from comodal.yaml_input import read_yaml
+from comodal.platform import checkpoint
+from comodal.platform.results import RESULTS_FORMAT, read_run, results_format
+from comodal.yaml_input import config_diff, read_yaml
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -79,36 +81,51 @@ def plan(config: RunConfig, stacks: list[str], seeds: int, out: Path) -> list[Pl
 
 
 def _mismatch(r: Planned) -> str | None:
-    """How the finished run in ``r.out`` differs from ``r``'s config (a few dotted keys with
-    old -> new values), or None when it was made with the same resolved config."""
-    from comodal.platform.run import config_diff, identity
+    """How the results, or else the checkpoints, in ``r.out`` differ from what ``r`` asks for
+    (a few dotted keys with old -> new values), or None when they can be reused or resumed."""
+    from comodal.platform.run import identity
 
-    try:
-        saved = from_dict(RunConfig, read_yaml(r.out / "config.yaml", "run config"))
-    except ConfigError as err:
-        return str(err)
-    if identity(saved) == identity(r.config):
-        return None
-    return "; ".join(config_diff(identity(saved), identity(r.config), limit=3))
+    want = identity(r.config)
+    if (r.out / "metrics.json").is_file():
+        made = results_format(read_run(r.out))
+        if made != RESULTS_FORMAT:
+            return (f"results_format: {made} -> {RESULTS_FORMAT}, an older comodal that "
+                    "computed its numbers differently")
+        try:
+            saved = identity(from_dict(RunConfig, read_yaml(r.out / "config.yaml",
+                                                            "run config")))
+        except ConfigError as err:
+            return str(err)
+    else:
+        found = checkpoint.saved(r.out / "checkpoints")
+        if not found:
+            return None
+        saved = checkpoint.read(found[-1][1])["config"]
+    return None if saved == want else "; ".join(config_diff(saved, want, limit=3))
 
 
 def pending(runs: list[Planned], rerun: bool = False) -> list[Planned]:
-    """The runs to train: unfinished ones, and with ``rerun`` finished ones whose config
-    differs, marked ``fresh``. Without ``rerun`` such a run is a ``ConfigError`` naming its
-    directory and the differing keys, raised before anything trains: its results would be
-    reported under settings that never produced them."""
+    """The runs to train: unfinished ones, and with ``rerun`` those whose results or
+    checkpoints come from another config or results format, marked ``fresh`` (their old
+    ``metrics.json`` is removed here, before ``compare.json`` names the new settings). Without
+    ``rerun`` such a run is a ``ConfigError`` naming its directory and the differing keys,
+    raised before anything trains: its results would be reported under settings that never
+    produced them."""
     todo, stale = [], []
     for r in runs:
-        if not (r.out / "metrics.json").is_file():
-            todo.append(r)
-        elif (why := _mismatch(r)) is not None:
+        why = _mismatch(r)
+        if why is not None:
             stale.append((r, why))
             todo.append(dataclasses.replace(r, fresh=True))
+        elif not (r.out / "metrics.json").is_file():
+            todo.append(r)
     if stale and not rerun:
         r, why = stale[0]
         more = f" (and {len(stale) - 1} other runs)" if len(stale) > 1 else ""
-        raise ConfigError(f"{r.out}: finished with another config ({why}){more}; add --rerun "
+        raise ConfigError(f"{r.out}: made with another config ({why}){more}; add --rerun "
                           "to retrain such runs from scratch, or choose another --out")
+    for r, _ in stale:
+        (r.out / "metrics.json").unlink(missing_ok=True)
     return todo
 
 
@@ -118,8 +135,6 @@ def _train(r: Planned, threads: int = 0) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    if r.fresh:  # an interrupted retraining then resumes instead of looking finished
-        (r.out / "metrics.json").unlink(missing_ok=True)
     run(r.config, resume=not r.fresh)
 
 

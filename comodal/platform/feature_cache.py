@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from comodal.errors import DataError
 from comodal.platform.modalities import Modality
 from comodal.platform.results import atomic_torch_save, atomic_write_text
-from comodal.scenarios.data import MultimodalDataset, concat
+from comodal.scenarios.data import MultimodalDataset, concat, non_finite_rows
 
 
 class FeatureCache:
@@ -68,7 +68,7 @@ class FeatureCache:
             with torch.no_grad():
                 chunks.append(modality.frozen(modality.collate(part)).float())
         feats = torch.cat(chunks)
-        bad = (~torch.isfinite(feats)).any(1).nonzero().flatten()
+        bad = non_finite_rows(feats)
         if len(bad):
             raise DataError(f"{where} {int(bad[0])}: the frozen {modality.name} backbone "
                             f"({backbone['extractor']}) gives NaN or inf features "

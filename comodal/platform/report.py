@@ -30,7 +30,11 @@ import numpy as np  # noqa: E402
 
 from comodal.config import from_dict  # noqa: E402
 from comodal.errors import DataError  # noqa: E402
-from comodal.platform.results import atomic_write_text, read_run  # noqa: E402
+from comodal.platform.results import (  # noqa: E402
+    atomic_write_text,
+    check_same_format,
+    read_run,
+)
 from comodal.yaml_input import read_yaml  # noqa: E402
 
 SUMMARIES = [("Acc", "acc", True), ("Avg inc Acc", "avg_inc_acc", True), ("BWT", "bwt", True),
@@ -44,10 +48,12 @@ POOLED_LABELS = {"acc": "Last Acc (pooled)", "avg_inc_acc": "Avg Acc (pooled)"}
 def load_runs(directory: Path) -> dict[str, list[dict[str, Any]]]:
     """Finished runs of a comparison directory by stack (``<stack>/seed<k>/metrics.json``)."""
     runs: dict[str, list[dict[str, Any]]] = {}
+    named: dict[str, dict[str, Any]] = {}  # <stack>/seed<k> -> data
     for path in sorted(Path(directory).glob("*/seed*/metrics.json")):
-        data = read_run(path.parent)
+        data = named[f"{path.parent.parent.name}/{path.parent.name}"] = read_run(path.parent)
         data["config"] = read_yaml(path.parent / "config.yaml", "run config")
         runs.setdefault(path.parent.parent.name, []).append(data)
+    check_same_format(named)
     if not runs:
         if (Path(directory) / "metrics.json").is_file():
             raise FileNotFoundError(f"{directory}: a run directory, not a comparison (no "

@@ -14,7 +14,12 @@ import torch
 import yaml
 
 from comodal.errors import ConfigError, DataError
-from comodal.platform.metrics import POOLED
+
+# What a run's numbers mean. Format 2: retrieval counts content-identical partners as positives
+# and a non-finite similarity as a miss, class-incremental Acc is pooled over test rows,
+# relation_kd distils only pairs the teacher trained, kd distils a trained encoder's output.
+# Results or checkpoints of another format are never reused, resumed or reported beside these.
+RESULTS_FORMAT = 2
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -69,6 +74,7 @@ def write_run(
     for metric, matrix in matrices.items():
         atomic_write_text(out / "matrices" / f"{metric}.csv", matrix_csv(matrix, task_names))
     payload = {
+        "results_format": RESULTS_FORMAT,
         "tasks": task_names,
         "matrices": {m: [[_clean(v) for v in row] for row in r.tolist()]
                      for m, r in matrices.items()},
@@ -92,6 +98,23 @@ def read_run(out: Path) -> dict:
                         "rewrite it without training") from err
 
 
+def results_format(data: dict) -> int:
+    """The results format a run's ``metrics.json`` was written in (1: before it was recorded)."""
+    return data.get("results_format", 1)
+
+
+def check_same_format(runs: dict[str, dict]) -> None:
+    """Refuse to show runs of different results formats side by side (``runs``: name ->
+    ``metrics.json`` data): their numbers are computed differently."""
+    formats = {name: results_format(data) for name, data in runs.items()}
+    if len(set(formats.values())) > 1:
+        old = [name for name, f in formats.items() if f != max(formats.values())]
+        raise DataError(f"{', '.join(old[:3])}{' ...' if len(old) > 3 else ''}: written by an "
+                        f"older comodal (results format {min(formats.values())}, the others "
+                        f"{max(formats.values())}), whose numbers are computed differently; "
+                        "rerun them (compare --rerun) before showing them together")
+
+
 def format_matrix(matrix: torch.Tensor, task_names: list[str], metric: str) -> str:
     width = max(8, *(len(n) for n in task_names))
     head = f"{metric:<{width}} " + " ".join(f"{n[:width]:>{width}}" for n in task_names)
@@ -102,13 +125,14 @@ def format_matrix(matrix: torch.Tensor, task_names: list[str], metric: str) -> s
     return "\n".join(lines)
 
 
-def format_summaries(columns: dict[str, dict[str, dict[str, float]]], metric: str) -> str:
-    """Side-by-side summary of ``metric`` for several runs: rows are summary measures. For
-    class-incremental accuracy the labels say that acc and avg_inc_acc are pooled over test
-    rows and the others per task."""
+def format_summaries(columns: dict[str, dict[str, dict[str, float]]], metric: str,
+                     pooled: bool = False) -> str:
+    """Side-by-side summary of ``metric`` for several runs: rows are summary measures. With
+    ``pooled`` (class-incremental accuracy, as the runs record it) the labels say that acc and
+    avg_inc_acc are pooled over test rows and the others per task."""
     names = list(columns)
     keys = list(next(iter(columns.values()))[metric])
-    labels = {k: k if metric not in POOLED else
+    labels = {k: k if not pooled else
               f"{k} (pooled)" if k in ("acc", "avg_inc_acc") else f"{k} (per task)" for k in keys}
     head = max(14, *(len(label) + 1 for label in labels.values()))
     width = max(12, *(len(n) for n in names))

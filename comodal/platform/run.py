@@ -25,13 +25,13 @@ import torch
 import yaml
 
 from comodal.config import RunConfig, to_dict
-from comodal.errors import ConfigError, TrainingError
+from comodal.errors import ConfigError, DataError, TrainingError
 from comodal.platform import checkpoint
 from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.metrics import POOLED, summaries
 from comodal.platform.modalities import build_modalities
 from comodal.platform.model import MultimodalEncoder
-from comodal.platform.results import atomic_write_text, write_run
+from comodal.platform.results import RESULTS_FORMAT, atomic_write_text, write_run
 from comodal.platform.trainer import Trainer
 from comodal.scenarios.registry import build_scenario
 from comodal.strategies.registry import build_strategies
@@ -85,37 +85,10 @@ def build_trainer(config: RunConfig, plugins: Sequence[Any] | None = None) -> Tr
 
 
 def identity(config: RunConfig) -> str:
-    """The resolved config as text, without the fields that do not change results."""
+    """The resolved config as text, without the fields that do not change results, and with
+    the results format, so that a checkpoint an older comodal wrote is never resumed."""
     fields = {k: v for k, v in to_dict(config).items() if k not in ("out", "progress", "device")}
-    return yaml.safe_dump(fields, sort_keys=True)
-
-
-def config_diff(old: str, new: str, limit: int = 10) -> list[str]:
-    """``key: old -> new`` for every dotted key whose value differs between two resolved
-    configs given as YAML text (as ``identity`` writes them); at most ``limit`` lines."""
-    before, after = _flatten(yaml.safe_load(old) or {}), _flatten(yaml.safe_load(new) or {})
-    lines = [f"{key}: {_show(before, key)} -> {_show(after, key)}"
-             for key in sorted(before.keys() | after.keys())
-             if key not in before or key not in after or before[key] != after[key]]
-    return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _show(flat: dict[str, Any], key: str) -> str:
-    """The value at ``key`` as the YAML a ``--set`` would take, or ``(unset)``."""
-    if key not in flat:
-        return "(unset)"
-    text = yaml.safe_dump(flat[key], default_flow_style=True, width=1 << 16)
-    return text.removesuffix("\n...\n").strip()
+    return yaml.safe_dump({**fields, "results_format": RESULTS_FORMAT}, sort_keys=True)
 
 
 def claim(out: Path) -> IO[str]:
@@ -157,8 +130,9 @@ def claim(out: Path) -> IO[str]:
 def _foreign(out: Path) -> list[str]:
     """What in ``out`` a run did not write (nothing for a marked, new or empty directory).
     A directory an older comodal wrote before runs were marked is adopted when it holds only a
-    run's entries, ``checkpoints/`` only checkpoints, and its metrics.json or a checkpoint
-    shows that comodal made it; this covers old ``comodal run`` and ``compare`` seed runs."""
+    run's entries, ``checkpoints/`` only checkpoints, and its metrics.json or a checkpoint (one
+    that loads and holds a run config) shows that comodal made it: old ``run`` and ``compare``
+    seed directories."""
     if (out / MARKER).is_file():
         return []
     names = sorted(p.name for p in out.iterdir() if not _leftover(p.name))
@@ -169,13 +143,21 @@ def _foreign(out: Path) -> list[str]:
                   if not (checkpoint.PATTERN.match(p.name) or _leftover(p.name))]
     if found or set(names) <= {LOCK}:
         return found
-    made = checkpoint.saved(ckpts) or _comodal_metrics(out / "metrics.json")
-    return [] if made else names
+    made = any(_comodal_checkpoint(p) for _, p in checkpoint.saved(ckpts))
+    return [] if made or _comodal_metrics(out / "metrics.json") else names
 
 
 def _leftover(name: str) -> bool:
     """A temporary file an atomic write left behind when its process was killed."""
     return name.startswith(".") and name.endswith(".tmp")
+
+
+def _comodal_checkpoint(path: Path) -> bool:
+    try:
+        checkpoint.read(path)
+    except DataError:
+        return False
+    return True
 
 
 def _comodal_metrics(path: Path) -> bool:

@@ -21,7 +21,13 @@ from comodal.platform.losses import InfoNCE
 from comodal.platform.metrics import accuracy, content_ids, retrieval_recalls, zero_shot_accuracy
 from comodal.platform.modalities import Modality, collate_samples
 from comodal.platform.model import MultimodalEncoder
-from comodal.scenarios.data import BatchLoader, InterleavedLoader, MultimodalDataset, concat
+from comodal.scenarios.data import (
+    BatchLoader,
+    InterleavedLoader,
+    MultimodalDataset,
+    concat,
+    non_finite_rows,
+)
 from comodal.scenarios.task import Scenario, Task
 
 TRAIN_HOOKS = (
@@ -415,12 +421,11 @@ class Trainer:
     def check_finite(self, task: Task, modality: str, values: torch.Tensor, what: str) -> None:
         """Stop at a non-finite evaluation output (a NaN row would otherwise score), naming the
         task, the modality and the first bad row."""
-        finite = torch.isfinite(values.reshape(len(values), -1))
-        bad = (~finite).any(1).nonzero()
+        bad = non_finite_rows(values)
         if len(bad):
-            row = int(bad[0])
-            value = values[row].reshape(-1)[~finite[row]][0].item()
+            first = int(bad[0])
+            row = values[first].reshape(-1)
             raise TrainingError(
-                f"task {task.name!r}: at evaluation the {modality} {what} {row} holds {value} "
-                f"({len(bad)} of {len(values)} rows are not finite); lower train.lr, or look "
-                "for non-finite values in the data")
+                f"task {task.name!r}: at evaluation the {modality} {what} {first} holds "
+                f"{row[~torch.isfinite(row)][0].item()} ({len(bad)} of {len(values)} rows are "
+                "not finite); lower train.lr, or look for non-finite values in the data")

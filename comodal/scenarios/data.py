@@ -75,6 +75,12 @@ class MultimodalDataset(Dataset):
         )
 
 
+def non_finite_rows(values: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of ``values`` holding NaN or inf: such a row would rank as a hit in
+    retrieval or poison every loss it enters, so each entry point refuses it by row."""
+    return (~torch.isfinite(values.reshape(len(values), -1))).any(1).nonzero().flatten()
+
+
 def concat(datasets: Sequence[MultimodalDataset], name: str,
            labels: torch.Tensor | None = None) -> MultimodalDataset:
     """Rows of ``datasets`` one after another (they share columns); ``labels`` replaces

@@ -27,7 +27,7 @@ import torch
 
 from comodal.config import FeaturesConfig
 from comodal.errors import DataError
-from comodal.scenarios.data import MultimodalDataset
+from comodal.scenarios.data import MultimodalDataset, non_finite_rows
 
 SPLITS = ("train", "test")
 INDEX_HEADER = "id,split[,label]"
@@ -143,7 +143,7 @@ def check_finite(array: torch.Tensor, path: Path, ids: list[str], index: Path,
                  where: str) -> None:
     """Refuse NaN or inf: one such row silently corrupts every score it enters (a NaN
     similarity used to rank as a hit)."""
-    bad = (~torch.isfinite(array)).any(1).nonzero().flatten()
+    bad = non_finite_rows(array)
     if len(bad):
         row = int(bad[0])
         raise DataError(f"{where}: {path} row {row} (id {_preview(ids[row])}, {index} line "

@@ -133,7 +133,7 @@ class KD(TeacherStrategy):
         same layer."""
         batch, student = strategy.mbatch, strategy.mb_output
         with torch.no_grad():
-            if self.layer != "encoder":
+            if self.layer != "encoder" or self.config.feature == "off":
                 return student.features, strategy.forward(batch, self.teacher)
             self._handle.remove()
             caught: list[torch.Tensor] = []
@@ -226,7 +226,4 @@ class RelationKD(TeacherStrategy):
         return {"trained_pairs": sorted(sorted(pair) for pair in self.trained)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "trained_pairs" not in state:  # an older comodal kept modalities, not pairs
-            raise ConfigError("relation_kd: this checkpoint lists the modalities trained, not "
-                              "the pairs; rerun from the start (a new --out)")
         self.trained = {frozenset(pair) for pair in state["trained_pairs"]}
