@@ -49,6 +49,8 @@ SWEEP = [
     ("dns update, relative 1e-5, keep norms", "[dns]",
      "{dns: {mode: update, input_rule: relative, input_threshold: 1e-5, "
      "output_rule: relative, output_threshold: 1e-5, keep_norms: true}}"),
+    ("dns as in the paper (preset: grad, absolute cuts 0.1 / 0, snapshot partners)", "[dns]",
+     "{dns: {preset: paper}}"),
     ("gpm grad, 0.97 (+0.003/task, Saha et al.)", "[gpm]",
      "{gpm: {mode: grad, threshold: 0.97, threshold_step: 0.003, max_threshold: 0.999}}"),
     ("gpm update, 0.97 (+0.003/task)", "[gpm]",
@@ -69,6 +71,7 @@ COMPARE = [
     ("dns (update)", "[dns]", "{dns: {mode: update}}"),
     ("dns (update, keep norms, relative 1e-5)", "[dns]",
      "{dns: {keep_norms: true, input_threshold: 1e-5, output_threshold: 1e-5}}"),
+    ("dns (paper preset)", "[dns]", "{dns: {preset: paper}}"),
     ("gpm", "[gpm]", None),
     ("ewc", "[ewc]", None),
     ("joint", "[joint]", None),

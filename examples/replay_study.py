@@ -49,8 +49,8 @@ COLUMNS = {
     "pairs": ("synth_pairs.yaml", "recall@1", [("R@1 Acc", "acc"), ("R@1 BWT", "bwt"),
                                                ("R@1 Forgetting", "forgetting"),
                                                ("R@1 Plasticity", "plasticity")]),
-    "classes": ("class_incremental.yaml", "accuracy", [("Avg Acc", "avg_inc_acc"),
-                                                      ("Last Acc", "acc"), ("BWT", "bwt"),
+    "classes": ("class_incremental.yaml", "accuracy", [("Avg Acc (pooled)", "avg_inc_acc"),
+                                                      ("Last Acc (pooled)", "acc"), ("BWT", "bwt"),
                                                       ("Forgetting", "forgetting"),
                                                       ("Plasticity", "plasticity")]),
 }

@@ -133,16 +133,23 @@ def test_report_reproduces_the_same_table(comparison: Path) -> None:
             (comparison / "summary.csv").read_text()) == before
 
 
+def _finetune_compare(tiny: dict, tmp_path: Path, tasks: int) -> tuple[list[str], Path, Path]:
+    """``compare`` argv of one finetune seed over the first ``tasks`` tasks at one epoch, the
+    comparison directory and its run directory."""
+    tiny["scenario"]["tasks"] = tiny["scenario"]["tasks"][:tasks]
+    tiny["train"]["epochs"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny))
+    out = tmp_path / "cmp"
+    argv = ["compare", str(tmp_path / "config.yaml"), "--strategies", "finetune", "--seeds", "1",
+            "--out", str(out)]
+    return argv, out, out / "finetune" / "seed0"
+
+
 def test_a_finished_run_of_another_config_is_refused_then_rerun_on_request(
         tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from comodal.cli import main
 
-    tiny["scenario"]["tasks"] = tiny["scenario"]["tasks"][:1]
-    tiny["train"]["epochs"] = 1
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny))
-    out, run = tmp_path / "cmp", tmp_path / "cmp" / "finetune" / "seed0"
-    argv = ["compare", str(tmp_path / "config.yaml"), "--strategies", "finetune", "--seeds", "1",
-            "--out", str(out)]
+    argv, out, run = _finetune_compare(tiny, tmp_path, tasks=1)
     assert main(argv) == 0
     stamp, plan = (run / "metrics.json").stat().st_mtime_ns, (out / "compare.json").read_text()
     capsys.readouterr()
@@ -296,12 +303,7 @@ def test_results_and_checkpoints_of_an_older_comodal_are_never_reused_or_mixed(
         tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from comodal.cli import main
 
-    tiny["scenario"]["tasks"] = tiny["scenario"]["tasks"][:2]
-    tiny["train"]["epochs"] = 1
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny))
-    out, run = tmp_path / "cmp", tmp_path / "cmp" / "finetune" / "seed0"
-    argv = ["compare", str(tmp_path / "config.yaml"), "--strategies", "finetune", "--seeds", "1",
-            "--out", str(out)]
+    argv, out, run = _finetune_compare(tiny, tmp_path, tasks=2)
     assert main(argv) == 0
     shutil.copytree(run, out / "copy" / "seed0")  # a run of the current format beside it
     metrics = json.loads((run / "metrics.json").read_text())
