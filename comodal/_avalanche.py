@@ -9,10 +9,15 @@ import warnings
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from avalanche.benchmarks import CLScenario, DatasetExperience, EagerCLStream
-    from avalanche.benchmarks.utils import make_avalanche_dataset
+    from avalanche.benchmarks.utils import ConstantSequence, DataAttribute, TaskLabels
+    from avalanche.benchmarks.utils.classification_dataset import (
+        TaskAwareSupervisedClassificationDataset,
+    )
     from avalanche.core import BasePlugin, BaseSGDPlugin, SupervisedPlugin
+    from avalanche.training.plugins.clock import Clock
 
 __all__ = [
-    "BasePlugin", "BaseSGDPlugin", "CLScenario", "DatasetExperience", "EagerCLStream",
-    "SupervisedPlugin", "make_avalanche_dataset",
+    "BasePlugin", "BaseSGDPlugin", "CLScenario", "Clock", "ConstantSequence", "DataAttribute",
+    "DatasetExperience", "EagerCLStream", "SupervisedPlugin",
+    "TaskAwareSupervisedClassificationDataset", "TaskLabels",
 ]

@@ -1,13 +1,18 @@
 """``comodal`` command line: ``run`` a config, ``compare`` strategies over seeds, ``report`` a
-comparison again from its saved results, ``summarize`` run directories side by side."""
+comparison again from its saved results, ``summarize`` run directories side by side, ``list``
+what a config can name."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +22,7 @@ from comodal.errors import ComodalError, ConfigError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comodal", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"comodal {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train through a scenario and write a run directory")
     run.add_argument("config", help="YAML run config (see examples/)")
@@ -55,7 +61,68 @@ def _parser() -> argparse.ArgumentParser:
     summ = sub.add_parser("summarize", help="print the summaries of run directories side by side")
     summ.add_argument("runs", nargs="+", help="run directories written by 'comodal run'")
     summ.add_argument("--metric", default=None, help="metric to show (default: all headline)")
+    names = sub.add_parser("list", help="the registered strategies (options, task kinds), "
+                                        "datasets and encoders")
+    names.add_argument("--json", action="store_true", help="print them as JSON")
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version, or the package's own when it is not installed."""
+    try:
+        return importlib.metadata.version("comodal")
+    except importlib.metadata.PackageNotFoundError:
+        import comodal
+
+        return comodal.__version__
+
+
+def registered() -> dict[str, Any]:
+    """What a config can name: each strategy's task kinds and options (with their defaults),
+    each dataset's modalities and each modality's encoders."""
+    from comodal.platform.modalities import ENCODERS
+    from comodal.scenarios.registry import dataset_names, dataset_spec
+    from comodal.strategies.registry import strategies
+
+    def default(f: dataclasses.Field) -> Any:
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    return {
+        "strategies": {name: {"kinds": list(cls.kinds),
+                              "options": {f.name: default(f)
+                                          for f in dataclasses.fields(cls.Config)}}
+                       for name, cls in strategies().items()},
+        "datasets": {name: list(dataset_spec(name).modalities) for name in dataset_names()},
+        "encoders": {modality: list(names) for modality, names in ENCODERS.items()},
+    }
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import yaml
+
+    found = registered()
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return 0
+
+    def as_yaml(value: Any) -> str:  # as a --set or a config takes it
+        return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+    print("strategies (task kinds; options under strategy_args.<name> with their defaults):")
+    for name, info in found["strategies"].items():
+        print(f"  {name} ({', '.join(info['kinds'])})")
+        options = " ".join(f"{k}={as_yaml(v)}" for k, v in info["options"].items())
+        print(textwrap.fill(options or "no options", 100, initial_indent=" " * 6,
+                            subsequent_indent=" " * 6, break_long_words=False))
+    print("datasets (modalities):")
+    width = max(map(len, [*found["datasets"], "features/<name>"]))
+    for name, modalities in found["datasets"].items():
+        print(f"  {name:<{width}}  {', '.join(modalities)}")
+    print(f"  {'features/<name>':<{width}}  each entry of data.features, with its modalities")
+    print("encoders (model.modalities.<modality>.encoder):")
+    for modality, names in found["encoders"].items():
+        print(f"  {modality:<6}  {', '.join(names)}")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -179,7 +246,8 @@ def _report(directory: Path) -> int:
               + (", ..." if len(written["missing"]) > 10 else ""), file=sys.stderr)
     print(f"tables: {directory / 'summary.md'}, {directory / 'summary.csv'}")
     print("plots: " + ", ".join(str(p) for p in written["plots"].values()))
-    print(f"TensorBoard: tensorboard --logdir {directory / 'tb'}")
+    print(f"TensorBoard: the figures are in {directory / 'tb'}, each run's scalars in "
+          f"{directory}/<entry>/seed<k>/tb; to see both: tensorboard --logdir {directory}")
     return 0
 
 
@@ -194,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(Path(args.dir))
         if args.command == "data":
             return _cmd_data(args)
+        if args.command == "list":
+            return _cmd_list(args)
         return _cmd_summarize(args)
     except (ComodalError, FileNotFoundError) as err:
         print(f"comodal: error: {err}", file=sys.stderr)

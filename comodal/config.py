@@ -1,7 +1,11 @@
 """Typed run configuration: dataclasses composed from defaults, YAML and ``key=value``
 overrides.
 
-Every field is validated when the file is loaded, so a typo fails before any data is made.
+Every field is typed and range-checked when the file is loaded, so a typo fails before any
+data is made. The names a config gives (strategies, datasets, encoders, plugin classes, the
+modules under ``imports``) are checked against the registries and user code by
+``comodal.build.check``, which every run and comparison calls first: this module imports none
+of them.
 """
 
 from __future__ import annotations
@@ -140,6 +144,18 @@ class LossConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """The learning rate within each task (``comodal.platform.schedules``), stepped once per
+    optimizer step."""
+
+    name: str = "none"  # none | cosine | step
+    warmup_epochs: float = 0.0  # linear warmup from 0 to lr over this many epochs
+    step_epochs: int = 1  # step: lr *= gamma every step_epochs epochs after the warmup
+    gamma: float = 0.1
+    min_lr: float = 0.0  # cosine: the lr at the task's last step
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
@@ -147,6 +163,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     loss: LossConfig = field(default_factory=LossConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    keep_optimizer: bool = False  # one optimizer, with its moments, across tasks
 
 
 @dataclass
@@ -155,6 +173,7 @@ class EvalConfig:
     pool_draws: int = 5
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 512
+    every_epochs: int = 0  # also evaluate every this many training epochs (for plugins)
 
 
 @dataclass
@@ -163,6 +182,10 @@ class RunConfig:
     device: str = "cpu"
     strategies: list[str] = field(default_factory=lambda: ["finetune"])
     strategy_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # objects such as stock Avalanche plugins, {class: dotted path, args: {...}}, built afresh
+    # for every run and called after the strategies
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+    imports: list[str] = field(default_factory=list)  # modules imported before any check
     out: str | None = None
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +197,7 @@ class RunConfig:
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LOSSES = ("infonce",)
+SCHEDULERS = ("none", "cosine", "step")
 
 
 def _type_name(tp: Any) -> str:
@@ -259,18 +283,43 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
 
 
 def apply_override(data: dict, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested mapping."""
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested mapping; a number
+    indexes a list, as in ``scenario.tasks.1.dataset=synth-pairs/gems``."""
     if "=" not in assignment:
         raise ConfigError(f"--set {shown(assignment)}: expected key=value, "
                           "for example train.epochs=5")
     key, raw = assignment.split("=", 1)
+    where = f"--set {shown(assignment)}"
     parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {shown(assignment)}: {shown(part)} is not a mapping")
-    node[parts[-1]] = parse_yaml(raw, f"--set {shown(assignment)}")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        path = ".".join(parts[:depth])
+        if isinstance(node, list):
+            index = _list_index(node, part, path, where)
+        elif isinstance(node, dict):
+            index = part
+            if depth < len(parts) - 1:
+                node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{where}: {path} is {shown(node)}, not a mapping or a list")
+        if depth == len(parts) - 1:
+            node[index] = parse_yaml(raw, where)
+        else:
+            node = node[index]
+
+
+def _list_index(items: list, part: str, path: str, where: str) -> int:
+    """``part`` as an index into the list at key ``path``, or a ``ConfigError`` naming the path
+    and the list's length."""
+    length = f"{len(items)} item{'' if len(items) == 1 else 's'}"
+    valid = f"indices 0 to {len(items) - 1}" if items else "no index is valid"
+    if not (part.isascii() and part.isdigit()):
+        raise ConfigError(f"{where}: {path} is a list of {length}; index it with a number "
+                          f"({valid}), got {shown(part)}")
+    if int(part) >= len(items):
+        raise ConfigError(f"{where}: index {int(part)} is out of range: {path} is a list of "
+                          f"{length} ({valid})")
+    return int(part)
 
 
 REPLACED_WHOLE = ("modalities", "strategy_args")  # mappings a config gives in full
@@ -291,9 +340,9 @@ def merge(defaults: dict, given: dict) -> dict:
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
                 check: bool = True) -> RunConfig:
-    """Read a YAML run config, apply overrides and validate everything that can be checked
+    """Read a YAML run config, apply overrides, type every field and run ``validate``
     (``check=False`` leaves the cross-field checks to the caller: a comparison validates each
-    of its runs instead)."""
+    of its runs instead). The names it gives are checked by ``comodal.build.check``."""
     data: dict = {}
     if path is not None:
         data = read_yaml(path) or {}
@@ -317,28 +366,6 @@ def check_choice(where: str, value: str, choices: typing.Iterable[str]) -> None:
 def _at_least(where: str, value: float, low: float) -> None:
     if value < low:
         raise ConfigError(f"{where}: must be at least {low}, got {value}")
-
-
-def _check_trainability(name: str, mod: ModalityConfig) -> None:
-    trainable = {"audio": "conv' or 'hf", "vision": "conv", "text": "embedding-bag' or 'hf"}[name]
-    if mod.freeze_feature_encoder and not (name == "audio" and mod.encoder == "hf"
-                                           and mod.frozen is False):
-        raise ConfigError(f"model.modalities.{name}.freeze_feature_encoder: only a trained "
-                          "Hugging Face audio encoder (encoder: hf, frozen: false) has a "
-                          "feature encoder to freeze")
-    if mod.max_seconds < 0:
-        raise ConfigError(f"model.modalities.{name}.max_seconds: must be >= 0, "
-                          f"got {mod.max_seconds}")
-    if mod.encoder in ("logmel-stats", "image-stats", "features") and mod.frozen is False:
-        raise ConfigError(
-            f"model.modalities.{name}.frozen: {mod.encoder!r} is fixed and cannot be trained; "
-            f"use encoder '{trainable}' for a trainable {name} encoder"
-        )
-    if mod.encoder in ("conv", "embedding-bag") and mod.frozen is True:
-        raise ConfigError(
-            f"model.modalities.{name}.frozen: {mod.encoder!r} is a small encoder trained from "
-            f"scratch and cannot be frozen; leave 'frozen' unset"
-        )
 
 
 def _check_numbers(config: RunConfig) -> None:
@@ -377,6 +404,24 @@ def _check_numbers(config: RunConfig) -> None:
         raise ConfigError(f"train.weight_decay: must be >= 0, got {config.train.weight_decay}")
 
 
+def _check_scheduler(train: TrainConfig) -> None:
+    """The schedule's name and ranges; its warmup must end within a task's epochs."""
+    sched, where = train.scheduler, "train.scheduler"
+    check_choice(f"{where}.name", sched.name, SCHEDULERS)
+    if not 0 <= sched.warmup_epochs < train.epochs:
+        raise ConfigError(f"{where}.warmup_epochs: must be >= 0 and less than train.epochs "
+                          f"({train.epochs}), got {sched.warmup_epochs}")
+    if sched.warmup_epochs and sched.name == "none":
+        raise ConfigError(f"{where}.warmup_epochs: a warmup needs a schedule to warm up to; "
+                          "set train.scheduler.name to cosine or step (gamma: 1 keeps lr)")
+    _at_least(f"{where}.step_epochs", sched.step_epochs, 1)
+    if not 0 < sched.gamma <= 1:
+        raise ConfigError(f"{where}.gamma: must be in (0, 1], got {sched.gamma}")
+    if not 0 <= sched.min_lr <= train.lr:
+        raise ConfigError(f"{where}.min_lr: must be >= 0 and at most train.lr ({train.lr}), "
+                          f"got {sched.min_lr}")
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -393,19 +438,15 @@ def _check_device(device: str) -> None:
 
 
 def validate(config: RunConfig) -> None:
-    """Semantic checks across fields: names against registries, pairs against datasets."""
-    from comodal.platform.modalities import ENCODERS
-    from comodal.strategies.registry import validate_strategies
-
+    """Checks across fields that need no registry (ranges, the scenario's shape, plugin
+    entries); ``comodal.build.check`` runs them with the checks of names."""
     for name, mod in config.model.modalities.items():
-        check_choice("model.modalities", name, ENCODERS)
-        check_choice(f"model.modalities.{name}.encoder", mod.encoder, ENCODERS[name])
-        _check_trainability(name, mod)
         for key in ("sample_rate", "n_mels", "dim", "max_length"):
             _at_least(f"model.modalities.{name}.{key}", getattr(mod, key), 1)
     check_choice("train.optimizer", config.train.optimizer, OPTIMIZERS)
     check_choice("train.loss.name", config.train.loss.name, LOSSES)
     _check_numbers(config)
+    _check_scheduler(config.train)  # after train.epochs and train.lr are checked
     _check_device(config.device)
     scenario = config.scenario
     if (not scenario.tasks) == (scenario.class_incremental is None):
@@ -423,29 +464,23 @@ def validate(config: RunConfig) -> None:
                 f"scenario.tasks[{i}].modalities: a pair task names two different modalities, "
                 f"got {shown(task.modalities)}"
             )
-        _check_modalities(config, f"scenario.tasks[{i}]", task.dataset, task.modalities)
-    validate_strategies(config.strategies, config.strategy_args, scenario_kind(config))
+    _check_plugins(config.plugins)
 
 
-def scenario_kind(config: RunConfig) -> str:
-    """``pair`` or ``classify``: what every task of the configured scenario is."""
-    return "pair" if config.scenario.class_incremental is None else "classify"
-
-
-def _check_modalities(config: RunConfig, where: str, dataset: str, modalities: list[str]) -> None:
-    from comodal.scenarios.registry import dataset_names, dataset_spec
-
-    check_choice(f"{where}.dataset", dataset, dataset_names(config.data))
-    available = dataset_spec(dataset, config.data).modalities
-    for m in modalities:
-        if m not in available:
-            raise ConfigError(f"{where}.modalities: dataset {dataset!r} has no modality {m!r} "
-                              f"(it has: {', '.join(available)})")
-        if m not in config.model.modalities:
-            raise ConfigError(
-                f"{where}.modalities: modality {m!r} is not configured under model.modalities "
-                f"(configured: {', '.join(config.model.modalities)})"
-            )
+def _check_plugins(plugins: list[dict[str, Any]]) -> None:
+    """Each entry is ``{class: dotted path, args: mapping}`` (``args`` optional)."""
+    for i, entry in enumerate(plugins):
+        where = f"plugins[{i}]"
+        for key in entry:
+            if key not in ("class", "args"):
+                raise ConfigError(f"{where}: unknown key {shown(key)} (valid keys: class, args)")
+        if "class" not in entry:
+            raise ConfigError(f"{where}.class: required field is missing (a dotted path such "
+                              "as avalanche.training.plugins.EWCPlugin)")
+        if not isinstance(entry["class"], str):
+            raise ConfigError(f"{where}.class: expected str, got {shown(entry['class'])}")
+        if not isinstance(entry.get("args", {}), dict):
+            raise ConfigError(f"{where}.args: expected a mapping, got {shown(entry['args'])}")
 
 
 def _check_class_incremental(config: RunConfig, ci: ClassIncrementalConfig) -> None:
@@ -453,7 +488,6 @@ def _check_class_incremental(config: RunConfig, ci: ClassIncrementalConfig) -> N
     if len(ci.modalities) not in (1, 2) or len(set(ci.modalities)) != len(ci.modalities):
         raise ConfigError(f"{where}.modalities: name the classified modality and optionally "
                           f"its transcript modality, got {shown(ci.modalities)}")
-    _check_modalities(config, where, ci.dataset, ci.modalities)
     if bool(ci.increments) == bool(ci.groups_per_task):
         raise ConfigError(f"{where}: give increments (classes per task) or groups_per_task, "
                           "exactly one of them")

@@ -8,14 +8,18 @@ from pathlib import Path
 
 import yaml
 
+from comodal.build import check
 from comodal.config import RunConfig, load_config
 
 
 def load_dict(config: dict, directory: Path) -> RunConfig:
-    """``config`` written as ``<directory>/config.yaml`` and loaded as a user's file would be."""
+    """``config`` written as ``<directory>/config.yaml``, loaded and checked as a user's file
+    would be."""
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    return load_config(path)
+    loaded = load_config(path)
+    check(loaded)
+    return loaded
 
 
 def class_incremental(tiny: dict) -> dict:

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from comodal.build import check
 from comodal.cli import main
-from comodal.config import ConfigError, from_dict, load_config, validate
+from comodal.config import ConfigError, from_dict, load_config
 
 
 def _check(config: dict, *fragments: str) -> None:
     from comodal.config import RunConfig
 
     with pytest.raises(ConfigError) as err:
-        validate(from_dict(RunConfig, config))
+        check(from_dict(RunConfig, config))
     for fragment in fragments:
         assert fragment in str(err.value)
 
@@ -136,7 +137,7 @@ def test_bad_values_are_named(tmp_path: Path, tiny: dict, override: str, fragmen
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny))
     with pytest.raises(ConfigError) as err:
-        load_config(path, [override])
+        check(load_config(path, [override]))
     assert fragment in str(err.value)
 
 

@@ -7,7 +7,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from comodal.platform.losses import InfoNCE, SupCon
+from comodal.platform.losses import (
+    MM,
+    FeatureDistill,
+    InfoNCE,
+    PredictionDistill,
+    RelationDistill,
+    SupCon,
+)
 
 
 def _direct_infonce(a: torch.Tensor, b: torch.Tensor, scale: float, symmetric: bool):
@@ -74,3 +81,34 @@ def test_supcon_without_positives_is_zero_not_nan() -> None:
     assert loss.item() == 0.0
     loss.backward()
     assert torch.isfinite(z.grad).all()
+
+
+def test_prediction_distill_is_the_tempered_kl_times_the_squared_temperature() -> None:
+    """Logits (0, 0) against (2 ln 3, 0) at τ = 2: p = (1/2, 1/2), q = (3/4, 1/4)."""
+    student, teacher = torch.zeros(1, 2), torch.tensor([[2 * math.log(3.0), 0.0]])
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert abs(PredictionDistill(2.0)(student, teacher).item() - 4 * kl) < 1e-6
+
+
+def test_feature_distill_is_the_mean_squared_error() -> None:
+    student = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    assert FeatureDistill()(student, teacher).item() == (0 + 4 + 9 + 0) / 4
+
+
+def test_relation_distill_on_swapped_partners() -> None:
+    """Student similarities I, teacher's the swap, at τ = 1/2: each row's logits (2, 0) against
+    (0, 2), a KL of 2 tanh(1) in both directions."""
+    eye, swap = torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    got = RelationDistill(0.5)((eye, eye), (eye, swap)).item()
+    assert abs(got - 2 * math.tanh(1.0)) < 1e-6
+
+
+def test_mm_normalises_the_utterance_features_and_uses_the_given_scale() -> None:
+    """Features (2, 0) and (0, 3) against transcripts e1, e2 at scale s: logits s·I, so each
+    row's and column's loss is log(1 + e^-s)."""
+    audio, text = torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.eye(2)
+    for symmetric in (True, False):
+        for scale in (1.0, 2.0):
+            got = MM(symmetric)(audio, text, torch.tensor(scale)).item()
+            assert abs(got - math.log(1 + math.exp(-scale))) < 1e-6

@@ -281,7 +281,7 @@ def test_batch_rank_form_is_off_when_another_plugin_edits_the_loss(tmp_path: Pat
     trainer.train_experience(trainer.benchmark.train_stream[0])
     trainer.experience_index = 1
     dns.before_training_exp(trainer)
-    assert dns._factors == {} and dns._handles == []
+    assert dns.factors is None
 
 
 class PenaltyOnHead(Finetune):

@@ -18,7 +18,7 @@ from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.modalities import build_modalities
 from comodal.platform.results import format_summaries
 from comodal.platform.run import build_model, build_trainer, run
-from comodal.platform.trainer import Trainer
+from comodal.platform.trainer import ClassifyOutput, Trainer
 from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.registry import build_scenario
 from comodal.scenarios.task import Scenario, Task
@@ -52,12 +52,14 @@ class PoisonEmbedding:
         self.start = 0
 
     def after_eval_forward(self, trainer: Trainer) -> None:
-        outputs = list(trainer.mb_output)
+        out = trainer.outputs  # a pair's two embeddings, or a classify task's (logits, ...)
+        outputs = list(out)
         local = self.row - self.start
         if 0 <= local < len(outputs[self.modality]):
             outputs[self.modality] = outputs[self.modality].clone()
             outputs[self.modality][local, 0] = float("nan")
-        trainer.mb_output = tuple(outputs)
+        trainer.outputs = ClassifyOutput(*outputs) if isinstance(out, ClassifyOutput) else (
+            tuple(outputs))
         self.start += self.batch_size
 
 

@@ -117,7 +117,8 @@ class KDRecorder(KD):
     def before_backward(self, strategy, **kwargs) -> None:  # noqa: ANN001
         before = strategy.loss
         super().before_backward(strategy, **kwargs)
-        if self.teacher is None:
+        teacher = strategy.teacher
+        if teacher is None:
             return
         term = strategy.loss - before
         runs = self.calls - self.calls_before
@@ -125,8 +126,8 @@ class KDRecorder(KD):
         grads = torch.autograd.grad(term, list(encoder.parameters()), retain_graph=True)
         x = strategy.mbatch["audio"]
         with torch.no_grad():
-            mse = F.mse_loss(encoder(x), self.teacher.encoders["audio"](x))
-        alpha = math.log(1 + len(self.teacher.class_ids) / len(strategy.model.class_ids))
+            mse = F.mse_loss(encoder(x), teacher.encoders["audio"](x))
+        alpha = math.log(1 + len(teacher.class_ids) / len(strategy.model.class_ids))
         self.records.append({"term": float(term.detach()), "by_hand": float(alpha * mse),
                              "runs": runs, "grad": sum(float(g.abs().sum()) for g in grads)})
 

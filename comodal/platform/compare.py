@@ -3,8 +3,9 @@
 Layout: ``<dir>/<stack>/seed<k>/`` is an ordinary run directory (a stack is strategies joined
 by ``+``, e.g. ``er+relation_kd``). A finished run (``metrics.json``) is reused only when its
 resolved config equals the requested one, and retrained from scratch on request; a run with
-checkpoints resumes from its last finished task. With several workers, runs go to a pool of
-processes, each with its share of the CPU threads, that exit when the parent dies.
+checkpoints resumes from its last finished task (it starts over when a configured plugin has
+no ``state_dict``, since its state is not in the checkpoints). With several workers, runs go
+to a pool of processes, each with its share of the CPU threads, that exit when the parent dies.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from comodal.config import RunConfig, from_dict, validate
+from comodal.build import check, stateless_plugins
+from comodal.config import RunConfig, from_dict
 from comodal.errors import ConfigError
 from comodal.platform import checkpoint
 from comodal.platform.results import RESULTS_FORMAT, read_run, results_format
@@ -56,7 +58,8 @@ def parse_stacks(text: str) -> list[str]:
 
 def plan(config: RunConfig, stacks: list[str], seeds: int, out: Path) -> list[Planned]:
     """One validated run config per stack and seed (seeds ``config.seed`` onwards); the
-    config's ``strategy_args`` go to the stacks that contain each strategy."""
+    config's ``strategy_args`` go to the stacks that contain each strategy, its ``plugins``
+    (and ``imports``) to every stack."""
     if seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {seeds}")
     named = {n for stack in stacks for n in stack.split("+")}
@@ -73,7 +76,7 @@ def plan(config: RunConfig, stacks: list[str], seeds: int, out: Path) -> list[Pl
                 config, strategies=names, seed=seed, out=str(out / stack / f"seed{seed}"),
                 strategy_args={n: a for n, a in config.strategy_args.items() if n in names})
             try:
-                validate(run_config)
+                check(run_config)
             except ConfigError as err:
                 raise ConfigError(f"--strategies {stack!r}: {err}") from err
             runs.append(Planned(stack, run_config.seed, run_config))
@@ -130,12 +133,13 @@ def pending(runs: list[Planned], rerun: bool = False) -> list[Planned]:
 
 
 def _train(r: Planned, threads: int = 0) -> None:
-    """One run: resumed from its checkpoints, or from scratch when ``r.fresh``."""
+    """One run: resumed from its checkpoints, or from scratch when ``r.fresh`` or when a
+    plugin's state cannot be restored from a checkpoint (it has no ``state_dict``)."""
     from comodal.platform.run import run
 
     if threads:
         torch.set_num_threads(threads)
-    run(r.config, resume=not r.fresh)
+    run(r.config, resume=not r.fresh and not stateless_plugins(r.config))
 
 
 def _watch_parent(parent: int) -> None:

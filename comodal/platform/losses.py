@@ -1,4 +1,4 @@
-"""Contrastive losses, each a small module with its formula in the docstring."""
+"""Contrastive and distillation losses, each a small module with its formula in the docstring."""
 
 from __future__ import annotations
 
@@ -27,6 +27,20 @@ class InfoNCE(nn.Module):
         if self.symmetric:
             loss = (loss + F.cross_entropy(logits.T, targets)) / 2
         return loss
+
+
+class MM(InfoNCE):
+    """COCONUT's audio-text (MM) loss (Cappellazzo et al. 2024): InfoNCE between utterance
+    features a, L2-normalised here, and transcript embeddings b (already normalised).
+
+      L = InfoNCE(a / ||a||, b, s)
+
+    The logit scale s is an argument: COCONUT passes the trained model's own (learnable)
+    scale, so this loss moves it as the task loss does.
+    """
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.normalize(a, dim=1), b, scale)
 
 
 class SupCon(nn.Module):
@@ -85,3 +99,48 @@ class NSPT(nn.Module):
         negatives = negative.masked_fill(same, float("-inf")).logsumexp(dim=1, keepdim=True)
         log_prob = positive - torch.logaddexp(positive, negatives)
         return -((log_prob * same).sum(1) / same.sum(1)).mean()
+
+
+class PredictionDistill(nn.Module):
+    """Prediction KD (Hinton et al. 2015): the student's softmax at temperature τ pulled to the
+    teacher's, over rows i of logits s (student) and t (teacher):
+      L = τ² · mean_i KL(softmax(t_i / τ) || softmax(s_i / τ))
+    (the τ² keeps the gradient's scale independent of τ).
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(student / self.temperature, dim=1)
+        q = F.softmax(teacher / self.temperature, dim=1)
+        return F.kl_div(log_p, q, reduction="batchmean") * self.temperature**2
+
+
+class FeatureDistill(nn.Module):
+    """Feature KD: the mean squared error between student features s and teacher features t,
+      L = mean_{i,j} (s_ij - t_ij)².
+    """
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(student, teacher)
+
+
+class RelationDistill(nn.Module):
+    """Instance-relation distillation (Co2L, Cha et al. 2021) on a batch of normalised pairs
+    (a_i, b_i): with similarities S = a bᵀ / τ (student) and T (teacher, likewise),
+      L = (mean_i KL(softmax(T_i) || softmax(S_i)) + mean_j KL(softmax(T_j) || softmax(S_j))) / 2
+    over rows i (a retrieves b) and columns j (b retrieves a).
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.kl = PredictionDistill(1.0)
+
+    def forward(self, student: tuple[torch.Tensor, torch.Tensor],
+                teacher: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s = student[0] @ student[1].T / self.temperature
+        t = teacher[0] @ teacher[1].T / self.temperature
+        return (self.kl(s, t) + self.kl(s.T, t.T)) / 2

@@ -8,6 +8,7 @@ gradient-projection strategies can reason about them exactly.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -65,6 +66,23 @@ class MultimodalEncoder(nn.Module):
         z = self.heads[modality](self.backbone(batch[modality], modality))
         return F.normalize(z, dim=-1) if normalize else z
 
+    def forward(self, batch: Any) -> torch.Tensor:
+        """What Avalanche's plugins call (``avalanche_forward(model, x, t)``) on a
+        ``comodal.scenarios.data.Batch``: a class-incremental batch's logits over the classes
+        grown so far, or a pair batch's ``[B, 2, D]`` un-normalised joint embeddings (first
+        modality, then second), whose norm methods such as MAS can differentiate. A batch
+        mixing modality pairs is forwarded part by part, rows back in their places."""
+        if batch.parts:
+            outputs = [(rows, self(part)) for rows, part in batch.parts]
+            out = outputs[0][1].new_empty((len(batch), *outputs[0][1].shape[1:]))
+            for rows, part in outputs:
+                out[rows] = part
+            return out
+        if batch.kind == "classify":
+            return self.classify(self.encode(batch, batch.modalities[0], normalize=False))
+        return torch.stack([self.encode(batch, m, normalize=False) for m in batch.modalities],
+                           dim=1)
+
     def grow(self, classes: list[int]) -> None:
         """Add a classifier row per class not seen yet; old rows are kept as they are."""
         known = set(self.class_ids.tolist())
@@ -87,8 +105,17 @@ class MultimodalEncoder(nn.Module):
         return self.classifier(F.normalize(z, dim=-1)) * self.scale
 
     def class_rows(self, labels: torch.Tensor) -> torch.Tensor:
-        """Classifier row of each class id in ``labels`` (every one must have been grown)."""
-        lookup = torch.full((int(self.class_ids.max()) + 1,), -1, dtype=torch.long,
-                            device=self.class_ids.device)
+        """Classifier row of each class id in ``labels``; -1 for a class not grown yet."""
+        size = max(int(self.class_ids.max()) if len(self.class_ids) else -1,
+                   int(labels.max()) if len(labels) else -1) + 1
+        lookup = torch.full((size,), -1, dtype=torch.long, device=self.class_ids.device)
         lookup[self.class_ids] = torch.arange(len(self.class_ids), device=lookup.device)
-        return lookup[labels]
+        return lookup[labels.to(lookup.device)]
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with no gradients: a teacher."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

@@ -140,15 +140,18 @@ def best(table: dict[str, dict[str, tuple]], runs: dict, seeds: int = 0) -> dict
 
 def hyperparameters(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
     """Per stack, ``strategy.option = value`` for every resolved strategy option that is not
-    the same in every stack (the runs share everything else: one config)."""
-    from comodal.strategies.registry import STRATEGIES
+    the same in every stack (the runs share everything else: one config). The modules under
+    the config's ``imports`` are imported first, to find the strategies they register."""
+    from comodal.build import import_modules
+    from comodal.strategies.registry import strategies
 
     flat: dict[str, dict[str, Any]] = {}
     for stack, rs in runs.items():
         config = rs[0]["config"]
+        import_modules(config.get("imports", []))  # runs of an older comodal have none
         options = {}
         for name in config["strategies"]:
-            cls = STRATEGIES[name].Config
+            cls = strategies()[name].Config
             given = config["strategy_args"].get(name, {})
             resolved = dataclasses.asdict(from_dict(cls, given, f"strategy_args.{name}"))
             options.update({f"{name}.{k}": v for k, v in resolved.items()})

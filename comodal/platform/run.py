@@ -24,10 +24,12 @@ import numpy as np
 import torch
 import yaml
 
+from comodal.build import build_plugins, check, check_resume
 from comodal.config import RunConfig, to_dict
 from comodal.errors import ConfigError, DataError, TrainingError
 from comodal.platform import checkpoint
 from comodal.platform.feature_cache import FeatureCache
+from comodal.platform.live_log import LiveTensorBoard
 from comodal.platform.metrics import POOLED, summaries
 from comodal.platform.modalities import build_modalities
 from comodal.platform.model import MultimodalEncoder
@@ -70,12 +72,14 @@ def build_model(config: RunConfig, modalities: dict) -> MultimodalEncoder:
 
 def build_trainer(config: RunConfig, plugins: Sequence[Any] | None = None) -> Trainer:
     """Modalities, model, feature cache and strategies of ``config`` assembled into a trainer
-    (``plugins`` replaces the configured strategies when given). Seeds every generator first,
-    so that the same config and seed give the same initial model."""
+    (``plugins`` replaces the configured strategies and plugins when given; otherwise the
+    config's ``plugins`` are built afresh and follow its strategies). Seeds every generator
+    first, so that the same config and seed give the same initial model."""
     seed_everything(config.seed)
     modalities = build_modalities(config.model.modalities)
     if plugins is None:
-        plugins = build_strategies(config.strategies, config.strategy_args)
+        plugins = (build_strategies(config.strategies, config.strategy_args)
+                   + build_plugins(config.plugins))
     return Trainer(
         build_model(config, modalities), modalities,
         FeatureCache(config.data.cache_dir, progress=config.progress),
@@ -172,28 +176,38 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
     """Train through the configured scenario and write the run directory (if ``out`` is set),
     with a checkpoint after every task under ``<out>/checkpoints``. ``resume`` continues from
     the latest checkpoint there (a finished run then trains nothing); otherwise old
-    checkpoints are removed and the run starts over. The directory is claimed first (see
-    ``claim``), so a bad ``out`` fails before anything is generated or trained."""
+    checkpoints are removed and the run starts over. The config is checked (``check``, which
+    imports its ``imports``) and the directory claimed first (see ``claim``), so a bad config
+    or ``out`` fails before anything is generated or trained."""
     start = time.perf_counter()
+    check(config)
     out = Path(config.out) if config.out else None
     with claim(out) if out is not None else contextlib.nullcontext():
         if out is not None and not resume:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            shutil.rmtree(out / "tb", ignore_errors=True)  # resuming keeps it (see live_log)
+        elif out is not None:
+            check_resume(config, out / "checkpoints")
         trainer = build_trainer(config)
         scenario = build_scenario(config)
-        matrices = _fit(trainer, scenario, out, identity(config))
+        live = [] if out is None else [LiveTensorBoard(
+            out / "tb", scenario.task_names, yaml.safe_dump(to_dict(config), sort_keys=False))]
+        trainer.attach(*live)
+        try:
+            matrices = _fit(trainer, scenario, out, identity(config))
+        finally:
+            for plugin in live:
+                plugin.close()
         summary = summaries(matrices, trainer.test_sizes)
         seconds = time.perf_counter() - start
         if out is not None:
-            for stale in (out / "tb", out / "matrices"):  # a rerun replaces, never mixes
-                shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(out / "matrices", ignore_errors=True)  # a rerun replaces, never mixes
             reports = {p.name: p.results() for p in trainer.plugins if hasattr(p, "results")}
             write_run(out, to_dict(config), scenario.task_names, matrices, summary,
                       extra={"history": trainer.history, "seconds": round(seconds, 2),
                              "strategies": reports, "test_sizes": trainer.test_sizes,
                              "pooled_acc": [m for m in POOLED if m in matrices]})
-            write_tensorboard(out / "tb", scenario.task_names, matrices, summary,
-                              trainer.history)
+            write_tensorboard(out / "tb", summary)
     return RunResult(scenario.task_names, matrices, summary, out, seconds)
 
 
@@ -214,21 +228,15 @@ def _fit(trainer: Trainer, scenario: Any, out: Path | None,
                             f"({scenario.task_names[done]})") from err
 
 
-def write_tensorboard(logdir: Path, task_names: list[str], matrices: dict[str, torch.Tensor],
-                      summary: dict[str, dict[str, float]], history: list[dict]) -> None:
-    """A scalar per (metric, evaluated task) at step = tasks trained so far, the summaries, and
-    the training loss per epoch."""
+def write_tensorboard(logdir: Path, summary: dict[str, dict[str, float]]) -> None:
+    """The summaries (``summary/<metric>/<key>`` at step 0) in an event file of their own,
+    replacing the one a resumed run wrote before; ``LiveTensorBoard`` wrote the rest."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(logdir)) as writer:
-        for metric, matrix in matrices.items():
-            for row, values in enumerate(matrix.tolist()):
-                for name, value in zip(task_names, values, strict=True):
-                    if value == value:
-                        writer.add_scalar(f"eval/{metric}/{name}", value, row)
+    for old in Path(logdir).glob("events.out.tfevents.*.summary"):
+        old.unlink()
+    with SummaryWriter(str(logdir), filename_suffix=".summary") as writer:
         for metric, values in summary.items():
             for key, value in values.items():
                 if value == value:
                     writer.add_scalar(f"summary/{metric}/{key}", value, 0)
-        for step, entry in enumerate(history):
-            writer.add_scalar(f"train/loss/{task_names[entry['task']]}", entry["loss"], step)

@@ -10,18 +10,22 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from comodal._avalanche import BasePlugin, BaseSGDPlugin, SupervisedPlugin
+from comodal._avalanche import BasePlugin, BaseSGDPlugin, Clock, SupervisedPlugin
 from comodal.config import EvalConfig, TrainConfig
 from comodal.errors import ConfigError, TrainingError
 from comodal.platform import checkpoint
+from comodal.platform.avalanche_view import AvalancheCriterion, check_plugins, is_evaluator
 from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.losses import InfoNCE
 from comodal.platform.metrics import accuracy, content_ids, retrieval_recalls, zero_shot_accuracy
 from comodal.platform.modalities import Modality, collate_samples
-from comodal.platform.model import MultimodalEncoder
+from comodal.platform.model import MultimodalEncoder, frozen_copy
+from comodal.platform.schedules import build_scheduler
 from comodal.scenarios.data import (
+    Batch,
     BatchLoader,
     InterleavedLoader,
     MultimodalDataset,
@@ -38,7 +42,8 @@ TRAIN_HOOKS = (
     "after_training",
 )
 EVAL_HOOKS = (
-    "before_eval", "before_eval_exp", "before_eval_iteration", "before_eval_forward",
+    "before_eval", "before_eval_dataset_adaptation", "after_eval_dataset_adaptation",
+    "before_eval_exp", "before_eval_iteration", "before_eval_forward",
     "after_eval_forward", "after_eval_iteration", "after_eval_exp", "after_eval",
 )
 _NO_OPS = (BasePlugin, BaseSGDPlugin, SupervisedPlugin)
@@ -52,17 +57,40 @@ class ClassifyOutput(NamedTuple):
     features: torch.Tensor
 
 
+class PairOutput(tuple):
+    """A pair task's two L2-normalised joint embeddings; ``raw`` holds them before
+    normalisation (Avalanche's view of the output, ``mb_output``, stacks those)."""
+
+    raw: tuple[torch.Tensor, torch.Tensor]
+
+
 def overrides(plugin: Any, hook: str) -> bool:
-    """Whether ``plugin`` implements ``hook`` (rather than inheriting Avalanche's no-op)."""
+    """Whether ``plugin`` implements ``hook``: a method other than Avalanche's no-op, or one
+    its instance answers for every callback (``EvaluationPlugin`` dispatches so)."""
     method = getattr(type(plugin), hook, None)
-    return method is not None and all(method is not getattr(c, hook, None) for c in _NO_OPS)
+    if method is None:
+        return callable(getattr(plugin, hook, None))
+    return all(method is not getattr(c, hook, None) for c in _NO_OPS)
 
 
 class Trainer:
-    """Fits ``model`` through a scenario. Plugins receive ``(trainer, **kwargs)`` like
-    Avalanche's ``(strategy, **kwargs)`` and may read or replace ``model``, ``optimizer``,
-    ``dataloader``, ``mbatch``, ``mb_output`` and ``loss``; only the hooks a plugin overrides
-    are called, from lists built once here."""
+    """Fits ``model`` through a scenario, calling plugins at Avalanche's moments with
+    ``(trainer, **kwargs)`` as Avalanche calls ``(strategy, **kwargs)``; only the hooks a
+    plugin overrides are called, from lists built once here.
+
+    What a plugin may read and write, Avalanche's template names first: ``model``,
+    ``optimizer``, ``experience``, ``adapted_dataset``, ``dataloader``, ``mbatch`` (a
+    ``Batch``), ``mb_x``, ``mb_y``, ``mb_task_id``, ``mb_output``, ``loss``, ``_criterion``,
+    ``clock``, ``evaluator``, ``is_training``, ``is_eval``, ``train_mb_size``,
+    ``eval_mb_size``, ``train_epochs``, ``device``, ``plugins``, ``current_eval_stream``,
+    ``stop_training()`` and ``model_adaptation()``; then comodal's: ``scenario`` (the prepared
+    tasks), ``experience_index``, ``generator`` (the batch order's), ``outputs`` (the step's
+    ``ClassifyOutput`` or ``PairOutput``), ``side_outputs`` (``(batch, output)`` of batches
+    trained beside the main one), ``teacher`` and ``teacher_output(batch)``, ``forward``,
+    ``task_loss``, ``criterion`` (InfoNCE), ``pair``, ``statistics_pass``, ``to_device``,
+    ``history`` and ``last_eval``. Strategies extend the training loader by declaring
+    ``train_tasks(trainer)`` (which tasks' data to load) or ``wrap_loader(trainer, loader)``,
+    and ask for a teacher with the class attribute ``uses_teacher = True``."""
 
     def __init__(
         self,
@@ -84,26 +112,118 @@ class Trainer:
         for plugin in self.plugins:  # strategies that name model parts check them up front
             if hasattr(plugin, "check"):
                 plugin.check(self.model)
-        self._hooks = {
-            hook: [getattr(p, hook) for p in self.plugins if overrides(p, hook)]
-            for hook in TRAIN_HOOKS + EVAL_HOOKS
-        }
+        self.clock = Clock()  # Avalanche's counters, called last, as its templates call it
+        self._build_hooks()
         self.criterion = InfoNCE(symmetric=train.loss.symmetric)
+        self._criterion = AvalancheCriterion(lambda: self.model, self.criterion)
         self.generator = torch.Generator().manual_seed(seed)
         self.train_epochs, self.train_mb_size = train.epochs, train.batch_size
+        self.eval_mb_size, self.eval_every = evaluation.batch_size, evaluation.every_epochs
         self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer = self.make_optimizer()  # now, so a plugin may schedule it
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.experience: Any = None
         self.scenario: Scenario | None = None
+        self.adapted_dataset: Any = None
         self.dataloader: Any = None
-        self.mbatch: dict[str, Any] | None = None
-        self.mb_output: tuple[torch.Tensor, ...] | None = None
+        self.current_eval_stream: list[Any] = []
+        self.mbatch: Batch | None = None
+        self.outputs: Any = None
+        self.side_outputs: list[tuple[dict[str, Any], Any]] = []
+        self._mb_output: Any = None
+        self.teacher: MultimodalEncoder | None = None
+        self._teacher_cache: tuple[Any, Any] | None = None
         self.loss = torch.zeros(())
         self.is_training = False
+        self._stop = False
         self.history: list[dict[str, Any]] = []
+        self.last_eval: list[dict[str, float]] = []
+
+    def attach(self, *plugins: Any) -> None:
+        """Add plugins before ``fit``, e.g. an ``LRSchedulerPlugin`` built on
+        ``trainer.optimizer``."""
+        if self.scenario is not None:
+            raise RuntimeError("plugins attach before fit")
+        self.plugins += plugins
+        self._build_hooks()
+
+    def _build_hooks(self) -> None:
+        """Each callback's list of the plugins that override it: strategies and plugins in
+        order, then the ``EvaluationPlugin`` (``evaluator``), then the clock, as Avalanche."""
+        evaluators = [p for p in self.plugins if is_evaluator(p)]
+        self.evaluator = evaluators[0] if evaluators else None
+        called = [p for p in self.plugins if p not in evaluators] + evaluators + [self.clock]
+        self._hooks = {
+            hook: [getattr(p, hook) for p in called if overrides(p, hook)]
+            for hook in TRAIN_HOOKS + EVAL_HOOKS
+        }
+        self._uses_teacher = any(getattr(p, "uses_teacher", False) for p in self.plugins)
+        self._rehome = self.device.type == "cpu" and any(
+            type(p).__name__ == "SynapticIntelligencePlugin" for p in self.plugins)
+        self._eval_loss = self.evaluator is not None or any(
+            overrides(p, h) for p in self.plugins
+            for h in ("after_eval_forward", "after_eval_iteration"))
 
     def _call(self, hook: str) -> None:
         for fn in self._hooks[hook]:
             fn(self)
+
+    # ----------------------------------------------------------------- Avalanche's view
+    @property
+    def mb_x(self) -> Batch:
+        return self.mbatch
+
+    @property
+    def mb_y(self) -> torch.Tensor:
+        """Targets as Avalanche reads them: classifier rows of the labels (-1 for a class not
+        grown yet), or on pair tasks the task index of every row."""
+        return self.targets(self.mbatch)
+
+    @property
+    def mb_task_id(self) -> torch.Tensor:
+        """Task labels: 0 on class-incremental streams (one head), the task index on pairs."""
+        batch = self.mbatch
+        label = 0 if batch.kind == "classify" else batch["task_id"]
+        return torch.full((len(batch),), label, dtype=torch.long, device=self.device)
+
+    @property
+    def mb_output(self) -> Any:
+        """The step's output as Avalanche reads it: logits, or a pair's ``[B, 2, D]`` stack
+        of un-normalised embeddings (what ``model(mb_x)`` returns); built when first read."""
+        if self._mb_output is None and self.outputs is not None:
+            out = self.outputs
+            self._mb_output = (out.logits if isinstance(out, ClassifyOutput)
+                               else torch.stack(getattr(out, "raw", out), dim=1))
+        return self._mb_output
+
+    @mb_output.setter
+    def mb_output(self, value: Any) -> None:
+        self._mb_output = value
+
+    @property
+    def is_eval(self) -> bool:
+        return not self.is_training
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        if batch.kind == "classify":
+            return self.model.class_rows(batch["label"].to(self.device))
+        return torch.full((len(batch),), batch["task_id"], dtype=torch.long, device=self.device)
+
+    def stop_training(self) -> None:
+        """Stop the current task's training at the next step (Avalanche's early stop)."""
+        self._stop = True
+
+    def model_adaptation(self, model: Any = None) -> None:
+        """Avalanche's hook to grow a model for an experience: comodal's classifier grows
+        its classes when a task starts, so there is nothing to do here."""
+
+    def teacher_output(self, batch: dict[str, Any]) -> Any:
+        """``forward(batch, teacher)`` without gradients, computed once per batch of the
+        training step however many strategies ask for it."""
+        if self._teacher_cache is None or self._teacher_cache[0] is not batch:
+            with torch.no_grad():
+                self._teacher_cache = (batch, self.forward(batch, self.teacher))
+        return self._teacher_cache[1]
 
     # ----------------------------------------------------------------- data
     def _collate(self, key: str, values: Sequence[Any]) -> Any:
@@ -137,14 +257,14 @@ class Trainer:
     def _gather_all(self, data: MultimodalDataset) -> dict[str, Any]:
         return next(iter(BatchLoader(data, self._collate, len(data), -1, shuffle=False)))
 
-    def make_loader(self, task_ids: Sequence[int]) -> BatchLoader | InterleavedLoader:
-        """Training batches of the given tasks; the current task reads ``adapted_dataset``,
-        which plugins may replace. Several classify tasks share batches (one dataset of all
-        their rows, so that every batch mixes classes); pair tasks keep a batch per task, so
-        that InfoNCE's negatives come from the task's own data, and their batches interleave."""
-        current = getattr(self, "experience_index", None)
-        data = {i: self.adapted_dataset if i == current else self.scenario.tasks[i].train
-                for i in task_ids}
+    def make_loader(self, task_ids: Sequence[int]) -> Any:
+        """Training batches of the given tasks (none: an empty loader). Several classify tasks
+        share batches (one dataset of all their rows, so that every batch mixes classes); pair
+        tasks keep a batch per task, so that InfoNCE's negatives come from the task's own
+        data, and their batches interleave."""
+        if not task_ids:
+            return []
+        data = {i: self.scenario.tasks[i].train for i in task_ids}
         classify = [i for i in task_ids if self.scenario.tasks[i].kind == "classify"]
         groups = [[i] for i in task_ids if i not in classify] + ([classify] if classify else [])
         loaders = [
@@ -154,6 +274,31 @@ class Trainer:
             for g in groups
         ]
         return loaders[0] if len(loaders) == 1 else InterleavedLoader(loaders, self.generator)
+
+    def train_tasks(self) -> list[int]:
+        """The tasks whose data the current task trains on: its own, unless a strategy's
+        ``train_tasks(trainer)`` says otherwise (``joint``)."""
+        tasks = [self.experience_index]
+        for plugin in self.plugins:
+            if hasattr(plugin, "train_tasks"):
+                tasks = plugin.train_tasks(self)
+        return tasks
+
+    def make_train_loader(self, task_ids: Sequence[int]) -> Any:
+        """The one training loader: comodal's own batches of ``task_ids`` while
+        ``adapted_dataset`` is the experience's dataset, else Avalanche's way (a shuffled
+        ``DataLoader`` over the dataset a plugin put there, with its collate function); then
+        each strategy's ``wrap_loader(trainer, loader)`` in stack order."""
+        if self.adapted_dataset is self.experience.dataset:
+            loader = self.make_loader(task_ids)
+        else:
+            loader = DataLoader(self.adapted_dataset, batch_size=self.train_mb_size,
+                                shuffle=True, generator=self.generator,
+                                collate_fn=self.adapted_dataset.collate_fn)
+        for plugin in self.plugins:
+            if hasattr(plugin, "wrap_loader"):
+                loader = plugin.wrap_loader(self, loader)
+        return loader
 
     def ordered_loader(self, task_id: int, batch_size: int | None = None) -> BatchLoader:
         """A task's training batches in order (by default of the evaluation batch size), for
@@ -177,6 +322,8 @@ class Trainer:
     def to_device(self, batch: Any) -> Any:
         if self.device.type == "cpu":  # data is built on the CPU: nothing to move
             return batch
+        if isinstance(batch, Batch):
+            return batch.to(self.device)
         if isinstance(batch, torch.Tensor):
             return batch.to(self.device, non_blocking=True)
         if isinstance(batch, dict):
@@ -193,6 +340,7 @@ class Trainer:
         self.setup(scenario)
         state = checkpoint.latest(checkpoints, config) if checkpoints is not None else None
         rows = checkpoint.restore(self, state) if state else [self.evaluate()]
+        self.clock.train_exp_counter = len(rows) - 1
         for exp in list(self.benchmark.train_stream)[len(rows) - 1:]:
             self.train_experience(exp)
             rows.append(self.evaluate())
@@ -224,6 +372,8 @@ class Trainer:
         self.benchmark = self.scenario.benchmark(
             collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
         )
+        self.current_eval_stream = list(self.benchmark.test_stream)
+        check_plugins(self.plugins, self.scenario, self.evaluator, self.eval_cfg)
 
     def _content_groups(self, raw: Task, task: Task) -> tuple[torch.Tensor, ...] | None:
         """A pair task's ``content_ids`` of its test rows per modality, so that retrieval
@@ -241,47 +391,81 @@ class Trainer:
         return [len(task.test) for task in self.scenario.tasks]
 
     def make_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the model's trainable parameters, made once and kept (a
+        scheduler a plugin built on it stays valid): at each task it takes the current
+        parameters (a grown classifier's new ones too) and starts from fresh moments, unless
+        ``train.keep_optimizer`` keeps the moments of the parameters still there."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         cfg = self.train_cfg
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if self.optimizer is None:
+            kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}.get(cfg.optimizer,
+                                                                         torch.optim.AdamW)
+            return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        kept = set(params) if cfg.keep_optimizer else set()
+        for p in list(self.optimizer.state):
+            if p not in kept:
+                del self.optimizer.state[p]
+        self.optimizer.param_groups[0]["params"] = params
+        return self.optimizer
 
     def train_experience(self, exp: Any) -> None:
-        """One task: build its loader and optimizer, then run the epochs."""
+        """One task: its loader, classes and optimizer, then the epochs (until they end or a
+        plugin calls ``stop_training``)."""
         self.experience, self.is_training = exp, True
         self.experience_index = exp.current_experience
         self.model.train()
+        self.teacher = (frozen_copy(self.model) if self._uses_teacher and self.experience_index
+                        else None)
         self._call("before_training")
         self._call("before_train_dataset_adaptation")
-        self.adapted_dataset = self.scenario.tasks[self.experience_index].train
+        self.adapted_dataset = exp.dataset
         self._call("after_train_dataset_adaptation")
-        self.dataloader = self.make_loader([self.experience_index])
-        self.grow_classes([self.experience_index])
+        tasks = self.train_tasks()
+        self.dataloader = self.make_train_loader(tasks)
+        self.grow_classes(sorted({*range(self.experience_index + 1), *tasks}))
         self.optimizer = self.make_optimizer()
+        self.scheduler = build_scheduler(self.optimizer, self.train_cfg.scheduler,
+                                         len(self.dataloader), self.train_epochs)
         self._call("before_training_exp")
         total = self.train_epochs * len(self.dataloader)
         bar = tqdm(total=total, desc=f"train {exp.task.name}", disable=not self.progress,
                    leave=False)
         for epoch in range(self.train_epochs):
             self._call("before_training_epoch")
+            if self._stop:
+                break
             losses = []  # on the device: reading each step's loss would synchronise every step
+            lr = self.optimizer.param_groups[0]["lr"]  # the epoch's first step's
             for batch in self.dataloader:
-                self.mbatch = self.to_device(batch)
+                if self._stop:
+                    break
+                self.mbatch = self.as_batch(batch)
                 self.training_step()
                 losses.append(self.loss.detach())
                 bar.update()
             if losses:
                 mean = self.epoch_loss(torch.stack(losses), epoch)
-                self.history.append({"task": self.experience_index, "epoch": epoch, "loss": mean})
+                self.history.append({"task": self.experience_index, "epoch": epoch,
+                                     "loss": mean, "lr": lr})
                 bar.set_postfix(loss=f"{mean:.4f}")
             self._call("after_training_epoch")
+            if self.eval_every and (epoch + 1) % self.eval_every == 0:
+                self.evaluate()
         bar.close()
+        self._stop = False
         self._call("after_training_exp")
         self._call("after_training")
         self.is_training = False
+
+    def as_batch(self, batch: Any) -> Batch:
+        """A loader's batch as a ``Batch`` on the device: Avalanche's loaders give
+        ``[Batch, y, t]``, comodal's give batch dicts of one task."""
+        if isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        if not isinstance(batch, Batch):
+            task = self.scenario.tasks[batch["task_id"]]
+            batch = Batch(batch, len(batch["index"]), task.kind, task.modalities)
+        return batch.to(self.device)
 
     def epoch_loss(self, losses: torch.Tensor, epoch: int) -> float:
         """Mean of an epoch's step losses; a non-finite one stops training with a
@@ -320,8 +504,10 @@ class Trainer:
         if task.kind == "classify":
             z = model.encode(batch, task.modalities[0], normalize=False)
             return ClassifyOutput(model.classify(z), z)
-        a, b = task.modalities
-        return model.encode(batch, a), model.encode(batch, b)
+        raw = tuple(model.encode(batch, m, normalize=False) for m in task.modalities)
+        out = PairOutput(F.normalize(z, dim=-1) for z in raw)
+        out.raw = raw
+        return out
 
     def task_loss(self, batch: dict[str, Any], output: Any) -> torch.Tensor:
         """InfoNCE over a pair batch; cross-entropy over the classes seen so far otherwise."""
@@ -334,89 +520,121 @@ class Trainer:
         self._call("before_training_iteration")
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = torch.zeros((), device=self.device)  # plugins may add to it from here on
+        self.side_outputs, self._mb_output, self._teacher_cache = [], None, None
         self._call("before_forward")
-        self.mb_output = self.forward(self.mbatch)
+        self.outputs = self.forward(self.mbatch)
         self._call("after_forward")
-        self.loss = self.loss + self.task_loss(self.mbatch, self.mb_output)
+        self.loss = self.loss + self.task_loss(self.mbatch, self.outputs)
         self._call("before_backward")
         self.loss.backward()
         self._call("after_backward")
         self._call("before_update")
+        if self._rehome:
+            # Avalanche's SI keeps its weight snapshot as ``param.cpu().flatten()``, a view of
+            # the live weights on the CPU, which the in-place step would then change too (its
+            # penalty would stay 0): the step writes into fresh storage, as on a GPU
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.data = p.data.clone()
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self._call("after_update")
         self._call("after_training_iteration")
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def embed(self, data: MultimodalDataset, pair: Sequence[str],
-              head: Any = None) -> dict[str, torch.Tensor]:
-        """Joint embeddings of every row of ``data`` for each modality in ``pair`` (with
-        ``head``: ``head`` of the unnormalised embeddings, e.g. the classifier's logits)."""
-        loader = BatchLoader(data, self._collate, self.eval_cfg.batch_size, -1, shuffle=False)
-        out: dict[str, list[torch.Tensor]] = {m: [] for m in pair}
-        for batch in loader:
-            self.mbatch = self.to_device(batch)
+    def embed(self, task_id: int) -> dict[str, torch.Tensor]:
+        """Every batch of ``dataloader`` (task ``task_id``'s test rows) through ``forward``,
+        on the CPU: each modality's L2-normalised joint embeddings for a pair task, the
+        classified modality's logits for a classify task. With Avalanche metrics attached,
+        each batch's loss is computed too (``_criterion`` of ``mb_output`` and ``mb_y``)."""
+        task = self.scenario.tasks[task_id]
+        keys = task.modalities[:1] if task.kind == "classify" else task.modalities
+        out: dict[str, list[torch.Tensor]] = {m: [] for m in keys}
+        for batch in self.dataloader:
+            self.mbatch = self.as_batch(batch)
             self._call("before_eval_iteration")
             self._call("before_eval_forward")
-            if head is None:
-                self.mb_output = tuple(self.model.encode(self.mbatch, m) for m in pair)
+            if task.kind == "classify" and self.model.classifier is None:
+                # no class learned yet: one placeholder column that matches no target (-1)
+                z = self.model.encode(self.mbatch, keys[0], normalize=False)
+                self.outputs = ClassifyOutput(z.new_full((len(z), 1), float("-inf")), z)
             else:
-                self.mb_output = tuple(head(self.model.encode(self.mbatch, m, normalize=False))
-                                       for m in pair)
+                self.outputs = self.forward(self.mbatch)
+            self._mb_output = None
             self._call("after_eval_forward")
-            for m, z in zip(pair, self.mb_output, strict=True):
+            if self._eval_loss:
+                self.loss = self._criterion(self.mb_output, self.mb_y)
+            values = self.outputs[:1] if task.kind == "classify" else self.outputs
+            for m, z in zip(keys, values, strict=True):
                 out[m].append(z.cpu())
             self._call("after_eval_iteration")
         return {m: torch.cat(z) for m, z in out.items()}
 
     @torch.no_grad()
-    def class_accuracy(self, data: MultimodalDataset) -> float:
-        """Accuracy on ``data`` with the classifier's argmax over every class seen so far (0
-        before any class of it was trained: class-incremental evaluation)."""
+    def class_accuracy(self, task_id: int) -> float:
+        """Accuracy on the task's test rows with the classifier's argmax over every class seen
+        so far (0 before any class of it was trained: class-incremental evaluation)."""
         if self.model.classifier is None:
+            if self._eval_loss:  # the plugins' metrics see every evaluation's batches
+                self.embed(task_id)
             return 0.0
-        m = self.experience.task.modalities[0]
-        logits = self.embed(data, (m,), head=self.model.classify)[m]
-        self.check_finite(self.experience.task, m, logits, "logits of test row")
+        task = self.scenario.tasks[task_id]
+        m = task.modalities[0]
+        logits = self.embed(task_id)[m]
+        self.check_finite(task, m, logits, "logits of test row")
         predicted = self.model.class_ids.cpu()[logits.argmax(dim=1)]
-        return accuracy(predicted, data.labels)
+        return accuracy(predicted, task.test.labels)
 
     @torch.no_grad()
     def evaluate(self) -> list[dict[str, float]]:
-        """Metrics of every task's test set under the current model, one dict per task."""
-        was_training = self.model.training
+        """Metrics of every task's test set under the current model, one dict per task (also
+        kept as ``last_eval``). During a task's training (``eval.every_epochs``, Avalanche's
+        periodic evaluation, for the plugins) the training state is put back after."""
+        saved = (self.experience, self.dataloader, self.is_training, self.model.training)
         self.model.eval()
+        self.is_training = False
         self._call("before_eval")
         results = []
-        stream = self.benchmark.test_stream
+        stream = self.current_eval_stream
         for exp in tqdm(stream, desc="evaluate", disable=not self.progress, leave=False):
             self.experience = exp
+            self._call("before_eval_dataset_adaptation")
+            self._call("after_eval_dataset_adaptation")
+            i = exp.current_experience
+            self.dataloader = BatchLoader(self.scenario.tasks[i].test, self._collate,
+                                          self.eval_mb_size, i, shuffle=False)
             self._call("before_eval_exp")
-            task = exp.task
-            if task.kind == "classify":
-                results.append({"accuracy": self.class_accuracy(task.test)})
-                self._call("after_eval_exp")
-                continue
-            z = self.embed(task.test, task.modalities)
-            for m in task.modalities:
-                self.check_finite(task, m, z[m], "embedding of test row")
-            a, b = task.modalities
-            cfg = self.eval_cfg
-            metrics = retrieval_recalls(z[a], z[b], cfg.ks, cfg.pool_size, cfg.pool_draws,
-                                        seed=self.seed + exp.current_experience,
-                                        groups=self.test_groups[exp.current_experience])
-            prototypes = self.class_inputs[exp.current_experience]
-            if prototypes is not None and task.test.labels is not None:
-                protos = self.model.encode(prototypes, "text").cpu()
-                self.check_finite(task, "text", protos, "embedding of class text")
-                scored = [m for m in task.modalities if m != "text"]
-                accs = [zero_shot_accuracy(z[m], protos, task.test.labels) for m in scored]
-                metrics["zeroshot"] = sum(accs) / len(accs)
-            results.append(metrics)
+            results.append(self.task_metrics(exp.current_experience))
             self._call("after_eval_exp")
+        self.last_eval = results
         self._call("after_eval")
-        self.model.train(was_training)
+        self.experience, self.dataloader, self.is_training, training = saved
+        self.model.train(training)
         return results
+
+    def task_metrics(self, task_id: int) -> dict[str, float]:
+        """One task's test metrics: accuracy for a classify task; recalls (and zero-shot
+        accuracy where the task has labels and class texts) for a pair task."""
+        task = self.scenario.tasks[task_id]
+        if task.kind == "classify":
+            return {"accuracy": self.class_accuracy(task_id)}
+        z = self.embed(task_id)
+        for m in task.modalities:
+            self.check_finite(task, m, z[m], "embedding of test row")
+        a, b = task.modalities
+        cfg = self.eval_cfg
+        metrics = retrieval_recalls(z[a], z[b], cfg.ks, cfg.pool_size, cfg.pool_draws,
+                                    seed=self.seed + task_id, groups=self.test_groups[task_id])
+        prototypes = self.class_inputs[task_id]
+        if prototypes is not None and task.test.labels is not None:
+            protos = self.model.encode(prototypes, "text").cpu()
+            self.check_finite(task, "text", protos, "embedding of class text")
+            scored = [m for m in task.modalities if m != "text"]
+            accs = [zero_shot_accuracy(z[m], protos, task.test.labels) for m in scored]
+            metrics["zeroshot"] = sum(accs) / len(accs)
+        return metrics
 
     def check_finite(self, task: Task, modality: str, values: torch.Tensor, what: str) -> None:
         """Stop at a non-finite evaluation output (a NaN row would otherwise score), naming the

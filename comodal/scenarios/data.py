@@ -181,3 +181,67 @@ class InterleavedLoader:
             batch["task_id"] = loader.task_id
             cursors[i] += 1
             yield batch
+
+
+class Batch(dict):
+    """A collated batch (modality name -> tensor, plus ``label``, ``index``, ``task_id``) that
+    Avalanche's plugins can treat as the input tensor ``x`` of their ``(x, y, t)`` batches:
+    ``len`` counts rows, ``to`` moves it, and, where it was collated from samples, slices and
+    ``torch.cat`` select and join rows (re-collated, since padded columns cannot be joined).
+    ``kind`` and ``modalities`` say how the model reads it; a batch mixing modality pairs keeps
+    one sub-batch per pair in ``parts``, with the rows each holds."""
+
+    def __init__(self, columns: dict[str, Any], rows: int, kind: str,
+                 modalities: tuple[str, ...], samples: list[dict[str, Any]] | None = None,
+                 collate: Callable[[list[dict[str, Any]]], Batch] | None = None,
+                 parts: list[tuple[torch.Tensor, Batch]] | None = None) -> None:
+        super().__init__(columns)
+        self.rows, self.kind, self.modalities = rows, kind, modalities
+        self.samples, self.collate, self.parts = samples, collate, parts
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        if self.samples is None:
+            raise TypeError("rows of a training batch cannot be selected; only batches of "
+                            "an Avalanche loader (collated from samples) can")
+        picked = range(self.rows)[key] if isinstance(key, slice) else torch.as_tensor(key)
+        return self.collate([self.samples[i] for i in list(picked)])
+
+    def size(self, dim: int = 0) -> int:
+        if dim != 0:
+            raise ValueError("a batch has only a row dimension")
+        return self.rows
+
+    def clone(self) -> Batch:
+        return self
+
+    def to(self, device: Any, non_blocking: bool = False) -> Batch:
+        if torch.device(device).type == "cpu":
+            return self
+        moved = Batch(_to(dict(self), device), self.rows, self.kind, self.modalities,
+                      self.samples, self.collate)
+        moved.parts = [(rows, part.to(device)) for rows, part in self.parts or []] or None
+        return moved
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        """``torch.cat`` of batches: one batch of all their rows (as GEM keeps its memory)."""
+        if func is not torch.cat:
+            return NotImplemented
+        batches = list(args[0])
+        if any(b.samples is None for b in batches):
+            return NotImplemented
+        return batches[0].collate([s for b in batches for s in b.samples])
+
+
+def _to(value: Any, device: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value

@@ -1,4 +1,9 @@
-"""Named datasets a scenario config can use, and scenario construction from a config."""
+"""Named datasets a scenario config can use, and scenario construction from a config.
+
+Besides the built-in datasets, ``register_dataset`` adds one from user code (a module a config
+lists under ``imports``, or any code run before), and installed packages add theirs through
+``comodal.datasets`` entry points, loaded when the registry is first used.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from comodal.config import DataConfig, RunConfig
+from comodal.entry_points import load_entry_points
 from comodal.errors import ConfigError
 from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.task import Scenario, Task
@@ -27,6 +33,8 @@ class Splits:
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A named dataset: its modalities, and ``build(data_config, progress) -> Splits``."""
+
     name: str
     modalities: tuple[str, ...]
     build: Callable[[DataConfig, bool], Splits]
@@ -35,23 +43,55 @@ class DatasetSpec:
 _DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(spec: DatasetSpec) -> None:
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Make ``spec`` usable as ``scenario...dataset: <spec.name>``; a name already taken by
+    another spec, or one under ``features/`` (the bring-your-own-features datasets), is
+    refused, so a plugin cannot silently replace a dataset (the same builder defined again, by
+    a reloaded module, replaces the old spec)."""
+    if not isinstance(spec, DatasetSpec):
+        raise ConfigError(f"register_dataset: expected a comodal.scenarios.registry.DatasetSpec, "
+                          f"got {spec!r}")
+    where = f"register_dataset: {spec.name!r}"
+    if not isinstance(spec.name, str) or not spec.name or spec.name.startswith("features/"):
+        raise ConfigError(f"{where}: the name must be a non-empty string outside features/ "
+                          "(reserved for data.features)")
+    if not spec.modalities or not all(isinstance(m, str) for m in spec.modalities):
+        raise ConfigError(f"{where}: modalities must name at least one modality, "
+                          f"got {spec.modalities!r}")
+    if not callable(spec.build):
+        raise ConfigError(f"{where}: build must be a function (data config, progress) -> "
+                          f"Splits, got {spec.build!r}")
+    taken = _DATASETS.get(spec.name)
+    if taken is not None and _origin(taken.build) != _origin(spec.build):
+        owner = _origin(taken.build)[0] or "another module"
+        raise ConfigError(f"{where}: the dataset name is taken (registered by {owner}); "
+                          "choose another name")
     _DATASETS[spec.name] = spec
+    return spec
 
 
-def _load_builtin() -> None:
+def _origin(build: Callable) -> tuple[str | None, str | None]:
+    """Where a builder is defined, which stays the same when its module is reloaded."""
+    return getattr(build, "__module__", None), getattr(build, "__qualname__", None)
+
+
+def _load() -> None:
+    """The built-in datasets, and those of installed packages (once)."""
     from comodal.scenarios import slu_datasets, synth_pairs  # noqa: F401  (register datasets)
+
+    load_entry_points("comodal.datasets", register_dataset)
 
 
 def dataset_names(data: DataConfig | None = None) -> list[str]:
     """Registered datasets, and ``features/<name>`` for each of ``data.features``."""
-    _load_builtin()
+    _load()
     extra = [f"features/{k}" for k in (data.features if data is not None else {})]
     return sorted(_DATASETS) + extra
 
 
 def dataset_spec(name: str, data: DataConfig | None = None) -> DatasetSpec:
-    _load_builtin()
+    """The spec of dataset ``name`` (a ``features/<name>`` one from ``data``)."""
+    _load()
     key = name.removeprefix("features/")
     if data is not None and name.startswith("features/") and key in data.features:
         return DatasetSpec(name, tuple(data.features[key].modalities), _features_builder(key))

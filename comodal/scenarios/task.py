@@ -74,9 +74,10 @@ class Scenario:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def benchmark(self, collate_fn: Callable[[list], Any] | None = None) -> Any:
+    def benchmark(self, collate_fn: Callable[[list], Any]) -> Any:
         """The scenario as an Avalanche ``CLScenario``: ``train_stream`` and ``test_stream``
-        with one experience per task; each experience carries ``task`` and ``modalities``."""
+        with one experience per task, carrying ``task``, ``modalities``, ``task_labels`` and
+        the classes Avalanche's plugins read; ``collate_fn`` collates sample dicts."""
         from comodal.scenarios.avalanche_benchmark import pair_benchmark
 
         return pair_benchmark(self.tasks, collate_fn)

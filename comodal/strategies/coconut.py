@@ -5,10 +5,11 @@ ACL Findings 2024): experience replay plus two losses, for class-incremental tas
   teacher (the model at the task's start), negatives from the student (``NSPT`` in
   ``comodal.platform.losses``; ``negatives: teacher`` is the NTPT ablation);
 - MM, InfoNCE between each utterance's embedding and its transcript's (the task's second
-  modality), over the whole batch.
+  modality), over the whole batch (``MM`` there).
 
-Total: task loss + λ₁·NSPT + λ₂·MM (``nspt_weight``, ``mm_weight``). The teacher needs no
-checkpointing: it is the model as saved at the end of the previous task.
+Total: task loss + λ₁·NSPT + λ₂·MM (``nspt_weight``, ``mm_weight``). The teacher is the
+trainer's, shared with ``kd``; it needs no checkpointing: it is the model as saved at the end
+of the previous task.
 """
 
 from __future__ import annotations
@@ -16,13 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from comodal.config import check_choice
 from comodal.errors import ConfigError
-from comodal.platform.losses import NSPT
-from comodal.strategies.distill import frozen_copy
+from comodal.platform.losses import MM, NSPT
 from comodal.strategies.replay import ER, ERConfig
 
 
@@ -48,11 +45,12 @@ class COCONUT(ER):
     name = "coconut"
     Config = COCONUTConfig
     kinds = ("classify",)
+    uses_teacher = True
 
     def __init__(self, config: COCONUTConfig | None = None) -> None:
         super().__init__(config)
-        self.teacher: torch.nn.Module | None = None
         self.nspt = NSPT(self.config.temperature, self.config.negatives)
+        self.mm: MM | None = None  # symmetric as the trainer's task loss, set at each task
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         task = strategy.scenario.tasks[strategy.experience_index]
@@ -61,24 +59,19 @@ class COCONUT(ER):
                               f"task {task.name!r} names only {task.modalities[0]!r} (add one "
                               "to scenario.class_incremental.modalities or set "
                               "strategy_args.coconut.mm_weight: 0)")
+        self.mm = MM(strategy.criterion.symmetric)
         super().before_training_exp(strategy, **kwargs)
-
-    def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        """The teacher: the model at the task's start, before its classes are grown."""
-        self.teacher = frozen_copy(strategy.model) if strategy.experience_index > 0 else None
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         super().before_backward(strategy, **kwargs)
-        batch, out, cfg = strategy.mbatch, strategy.mb_output, self.config
+        batch, out, cfg = strategy.mbatch, strategy.outputs, self.config
         rehearsal = batch.get("rehearsal")
-        if self.teacher is not None and rehearsal is not None and cfg.nspt_weight:
-            with torch.no_grad():
-                teacher = strategy.forward(batch, self.teacher)
+        if strategy.teacher is not None and rehearsal is not None and cfg.nspt_weight:
+            teacher = strategy.teacher_output(batch)
             loss = self.nspt(out.features, teacher.features, batch["label"], rehearsal)
             strategy.loss = strategy.loss + cfg.nspt_weight * loss
         modalities = strategy.pair(batch)
         if len(modalities) == 2 and cfg.mm_weight:
             text = strategy.model.encode(batch, modalities[1])
-            mm = strategy.criterion(F.normalize(out.features, dim=1), text,
-                                    strategy.model.scale)
+            mm = self.mm(out.features, text, strategy.model.scale)
             strategy.loss = strategy.loss + cfg.mm_weight * mm

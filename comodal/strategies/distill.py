@@ -1,4 +1,5 @@
-"""Distillation from the model as it was at the start of each task (the teacher).
+"""Distillation from the model as it was at the start of each task (the teacher, which the
+trainer keeps for every plugin that sets ``uses_teacher``).
 
 ``kd`` (Cappellazzo et al., Interspeech 2023), for class-incremental tasks: feature KD, the
 mean squared error between student and teacher features (by default, as in the paper, the
@@ -17,58 +18,28 @@ pair an earlier task trained. Two modalities each trained in other pairs are not
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from comodal.config import check_choice
 from comodal.errors import ConfigError
+from comodal.platform.losses import FeatureDistill, PredictionDistill, RelationDistill
 from comodal.strategies.base import Strategy
 
 SCOPES = ("rehearsal", "batch", "off")
 LAYERS = ("auto", "encoder", "joint")
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` in eval mode with no gradients: the teacher."""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-class TeacherStrategy(Strategy):
-    """Keeps ``teacher``, a frozen copy of the model taken at the start of each task after the
-    first (``before_training``: before the classifier grows the task's classes)."""
-
-    def __init__(self, config: object | None = None) -> None:
-        super().__init__(config)
-        self.teacher: torch.nn.Module | None = None
-
-    def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        self.teacher = frozen_copy(strategy.model) if strategy.experience_index > 0 else None
-
-
-def catch_input(module: torch.nn.Module, caught: list[torch.Tensor]) -> Any:
-    """Append ``module``'s input at its next call to ``caught``, once; returns the hook's
-    handle (removing it again is harmless)."""
+def catch_input(module: torch.nn.Module, caught: list[torch.Tensor]) -> None:
+    """Append ``module``'s input at its next call to ``caught``, once."""
     def hook(mod: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         caught.append(inputs[0])
         handle.remove()
 
     handle = module.register_forward_pre_hook(hook)
-    return handle
-
-
-def kl_distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(teacher / τ) || softmax(student / τ)) averaged over rows, times τ²."""
-    log_p = F.log_softmax(student / temperature, dim=1)
-    q = F.softmax(teacher / temperature, dim=1)
-    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
 
 
 @dataclass
@@ -98,19 +69,20 @@ class KDConfig:
         return "rehearsal" in (self.feature, self.prediction)
 
 
-class KD(TeacherStrategy):
+class KD(Strategy):
     name = "kd"
     Config = KDConfig
     kinds = ("classify",)
+    uses_teacher = True
 
     def __init__(self, config: KDConfig | None = None) -> None:
         super().__init__(config)
         self.layer = self.config.feature_layer  # auto is resolved at each task's start
-        self._caught: list[torch.Tensor] = []
-        self._handle: Any = None
+        self.feature_loss = FeatureDistill()
+        self.prediction_loss = PredictionDistill(self.config.temperature)
+        self._caught: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        super().before_training(strategy, **kwargs)
         cfg, m = self.config, strategy.scenario.tasks[strategy.experience_index].modalities[0]
         trained = m in strategy.model.encoders
         if cfg.feature_layer == "encoder" and cfg.feature != "off" and not trained:
@@ -121,40 +93,38 @@ class KD(TeacherStrategy):
             self.layer = "encoder" if trained else "joint"
 
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
-        """Catch the student's pooled encoder output as its head reads it in the training
-        forward pass, so that a trained encoder does not run twice."""
-        if self.teacher is not None and self.config.feature != "off" and self.layer == "encoder":
-            self._caught = []
-            head = strategy.model.heads[strategy.pair(strategy.mbatch)[0]]
-            self._handle = catch_input(head, self._caught)
+        """Catch the pooled encoder outputs as the heads read them, the student's in the
+        training forward and the teacher's in its shared one, so that no encoder runs twice."""
+        if strategy.teacher is not None and self.config.feature != "off" \
+                and self.layer == "encoder":
+            m = strategy.pair(strategy.mbatch)[0]
+            self._caught = ([], [])
+            for model, caught in zip((strategy.model, strategy.teacher), self._caught,
+                                     strict=True):
+                catch_input(model.heads[m], caught)
 
     def distilled(self, strategy: Any) -> tuple[torch.Tensor, Any]:
         """The student's features to distil, and the teacher's output with ``features`` of the
         same layer."""
-        batch, student = strategy.mbatch, strategy.mb_output
-        with torch.no_grad():
-            if self.layer != "encoder" or self.config.feature == "off":
-                return student.features, strategy.forward(batch, self.teacher)
-            self._handle.remove()
-            caught: list[torch.Tensor] = []
-            catch_input(self.teacher.heads[strategy.pair(batch)[0]], caught)
-            teacher = strategy.forward(batch, self.teacher)
-        return self._caught[0], teacher._replace(features=caught[0])
+        teacher = strategy.teacher_output(strategy.mbatch)
+        if self.layer != "encoder" or self.config.feature == "off":
+            return strategy.outputs.features, teacher
+        student, caught = self._caught
+        return student[0], teacher._replace(features=caught[0])
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if self.teacher is None:
+        if strategy.teacher is None:
             return
-        batch, student = strategy.mbatch, strategy.mb_output
+        batch, student = strategy.mbatch, strategy.outputs
         rehearsal = batch.get("rehearsal")
-        old = len(self.teacher.class_ids)
+        old = len(strategy.teacher.class_ids)
         features, teacher = self.distilled(strategy)
         cfg = self.config
         for scope, weight, term in (
             (cfg.feature, cfg.feature_weight,
-             lambda rows: F.mse_loss(features[rows], teacher.features[rows])),
+             lambda rows: self.feature_loss(features[rows], teacher.features[rows])),
             (cfg.prediction, cfg.prediction_weight,
-             lambda rows: kl_distill(student.logits[rows, :old], teacher.logits[rows],
-                                     cfg.temperature)),
+             lambda rows: self.prediction_loss(student.logits[rows, :old], teacher.logits[rows])),
         ):
             if scope == "off":
                 continue
@@ -186,36 +156,23 @@ class RelationKDConfig:
                               f"> 0, got {self.weight} and {self.temperature}")
 
 
-def relation_loss(student: tuple[torch.Tensor, torch.Tensor],
-                  teacher: tuple[torch.Tensor, torch.Tensor], temperature: float) -> torch.Tensor:
-    """Mean over both directions of KL(teacher || student) between row softmaxes of the
-    cross-modal similarity matrices of a batch of normalised pair embeddings."""
-    s = student[0] @ student[1].T / temperature
-    t = teacher[0] @ teacher[1].T / temperature
-    return (kl_distill(s, t, 1.0) + kl_distill(s.T, t.T, 1.0)) / 2
-
-
-class RelationKD(TeacherStrategy):
+class RelationKD(Strategy):
     name = "relation_kd"
     Config = RelationKDConfig
     kinds = ("pair",)
+    uses_teacher = True
 
     def __init__(self, config: RelationKDConfig | None = None) -> None:
         super().__init__(config)
         self.trained: set[frozenset[str]] = set()  # unordered pairs some earlier task trained
+        self.relation = RelationDistill(self.config.temperature)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if self.teacher is None:
+        if strategy.teacher is None:
             return
-        outputs = [*getattr(strategy, "replay_outputs", []),
-                   (strategy.mbatch, strategy.mb_output)]
-        terms = []
-        for batch, student in outputs:
-            if frozenset(strategy.pair(batch)) not in self.trained:
-                continue
-            with torch.no_grad():
-                teacher = strategy.forward(batch, self.teacher)
-            terms.append(relation_loss(student, teacher, self.config.temperature))
+        terms = [self.relation(student, strategy.teacher_output(batch))
+                 for batch, student in [*strategy.side_outputs, (strategy.mbatch, strategy.outputs)]
+                 if frozenset(strategy.pair(batch)) in self.trained]
         if terms:
             strategy.loss = strategy.loss + self.config.weight * sum(terms) / len(terms)
 

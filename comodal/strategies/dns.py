@@ -29,12 +29,12 @@ import torch
 from comodal.config import check_choice
 from comodal.errors import ConfigError
 from comodal.platform.trainer import overrides
+from comodal.strategies.batch_factors import BatchFactors
 from comodal.strategies.projecting import MODES, ProjectingStrategy
 from comodal.strategies.projection import (
     FORMS,
     RULES,
     choose_form,
-    dual_flops,
     input_moments,
     linear_layers,
     principal_basis,
@@ -123,10 +123,8 @@ class DNS(ProjectingStrategy):
         self.bases: dict[str, HeadBasis] = {}
         self.layer_bases: dict[str, torch.Tensor] = {}
         self.ranks: list[dict[str, Any]] = []
-        self._handles: list[Any] = []
+        self.factors: BatchFactors | None = None  # grad mode: each step's X and Δ of the heads
         self.factor_projections = 0
-        self._factors: dict[str, list[list]] = {}
-        self._probes: dict[str, torch.Tensor] = {}
 
     def check(self, model: Any) -> None:
         for m in self.config.modalities or []:
@@ -168,76 +166,30 @@ class DNS(ProjectingStrategy):
         self._record_factors(strategy)
 
     def _record_factors(self, strategy: Any) -> None:
-        """Hook the protected heads to keep each step's inputs X and output gradients Δ. Only
-        while nothing else adds to the loss before backward (a penalty on the weights would
-        make the gradient more than Δᵀ X)."""
+        """Keep each step's batch factors of the protected heads (grad mode), unless another
+        plugin adds to the loss before backward (a penalty on the weights: G is not Δᵀ X)."""
         self._release()
         others = [p for p in strategy.plugins if p is not self]
-        if (self.config.mode != "grad" or not self.config.batch_form
-                or any(overrides(p, "before_backward") for p in others)):
-            return
-        generator = torch.Generator().manual_seed(len(self.ranks))
-        for m in self.bases:
-            self._factors[m] = []
-            weight = strategy.model.heads[m].weight
-            # a fixed random vector per head and task, to check the factors against G
-            self._probes[m] = torch.randn(weight.shape[1], 1, generator=generator).to(weight)
-            hook = strategy.model.heads[m].register_forward_hook(self._recorder(m))
-            self._handles.append(hook)
-
-    def _recorder(self, m: str) -> Any:
-        def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if output.requires_grad:
-                entry = [inputs[0].detach(), None]
-                self._factors[m].append(entry)
-                output.register_hook(lambda grad: entry.__setitem__(1, grad.detach()))
-
-        return record
+        if (self.config.mode == "grad" and self.config.batch_form
+                and not any(overrides(p, "before_backward") for p in others)):
+            heads = {m: strategy.model.heads[m] for m in self.bases}
+            self.factors = BatchFactors(heads, seed=len(self.ranks))
 
     def _release(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self._factors, self._probes = [], {}, {}
+        if self.factors is not None:
+            self.factors.remove()
+        self.factors = None
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        for entries in self._factors.values():
-            entries.clear()
+        if self.factors is not None:
+            self.factors.clear()
 
     def project_from_factors(self, name: str, layer: torch.nn.Linear, basis: Any) -> bool:
-        """G - P̃ G P for G = Δᵀ X through the batch factors, when cheaper than the weight forms:
-        M = (Δ V)ᵀ (X U) is k̃ x k, so the correction V M Uᵀ has rank r = min(k̃, k, n) and costs
-        r·d_out·d_in, plus thin products (about n·d·(k + k̃)), instead of about 2k·d²."""
-        entries = self._factors.get(name)
-        if not entries or any(delta is None for _, delta in entries):
-            return False
-        x = torch.cat([e[0] for e in entries])
-        delta = torch.cat([e[1] for e in entries])
-        grad = layer.weight.grad
-        probe = self._probes[name]
-        if not torch.allclose(grad @ probe, delta.T @ (x @ probe), rtol=1e-4, atol=1e-6):
-            return False  # something else also edited the gradient: it is not Δᵀ X
-        (out_dim, in_dim), n = layer.weight.shape, len(x)
-        k_in, k_out = basis.u.shape[1], basis.v.shape[1]
-        thin = n * out_dim * k_out + n * in_dim * k_in
-        if min(k_in, k_out) < n:  # through the small core M
-            cost = thin + n * k_out * k_in + min(k_in * out_dim * k_out, k_out * in_dim * k_in) \
-                + min(k_in, k_out) * out_dim * in_dim
-        else:  # through the n batch rows
-            cost = 2 * thin + n * out_dim * in_dim
-        if cost >= dual_flops(out_dim, in_dim, k_out, k_in)[basis.form]:
-            return False
+        if not isinstance(basis, HeadBasis) or self.factors is None \
+                or not self.factors.project_(name, layer, basis.u, basis.v, basis.form):
+            return False  # factors are kept for the heads only (encoder layers: one-sided)
         self.projections += 1
         self.factor_projections += 1
-        if k_in and k_out:
-            dv, xu = delta @ basis.v, x @ basis.u
-            if min(k_in, k_out) < n:
-                core = dv.T @ xu
-                if k_in <= k_out:
-                    grad.addmm_(basis.v @ core, basis.u.T, alpha=-1)
-                else:
-                    grad.addmm_(basis.v, core @ basis.u.T, alpha=-1)
-            else:
-                grad.addmm_((dv @ basis.v.T).T, xu @ basis.u.T, alpha=-1)
         return True
 
     @torch.no_grad()

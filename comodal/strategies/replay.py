@@ -5,7 +5,7 @@ Memory rows of tasks with the current task's kind and modalities join the traini
 collation; ``batch["rehearsal"]`` marks them), so a loss over the batch sees them as
 negatives and positives like any other row. Rows of tasks with another modality pair cannot
 share the batch: they form side batches, one per task, whose own task losses are added with
-weight ``weight`` (their outputs are kept in ``strategy.replay_outputs`` for distillation).
+weight ``weight`` (their outputs are kept in ``strategy.side_outputs`` for distillation).
 """
 
 from __future__ import annotations
@@ -97,17 +97,21 @@ class ER(Strategy):
                                   f"buffer by label, and task {unlabelled[0]!r} has no labels "
                                   "(use policy: experience or reservoir)")
             self.buffer = ReplayBuffer(self.capacity(strategy), cfg.policy, cfg.selection)
-        if len(self.buffer) and isinstance(strategy.dataloader, BatchLoader):
+
+    def wrap_loader(self, strategy: Any, loader: Any) -> Any:
+        """The task's batches with memory rows, once the buffer holds some."""
+        if self.buffer is not None and len(self.buffer) and isinstance(loader, BatchLoader):
             size = self.config.batch_size or strategy.train_mb_size
-            strategy.dataloader = ReplayLoader(strategy.dataloader, strategy, self.buffer, size)
+            return ReplayLoader(loader, strategy, self.buffer, size)
+        return loader
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
         """Forward the side batches (memory of other modality pairs) with the batch."""
         side = [strategy.to_device(b) for b in strategy.mbatch.get("replay") or []]
-        strategy.replay_outputs = [(batch, strategy.forward(batch)) for batch in side]
+        strategy.side_outputs = [(batch, strategy.forward(batch)) for batch in side]
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        outputs = getattr(strategy, "replay_outputs", [])
+        outputs = strategy.side_outputs
         if outputs:
             rows = sum(len(batch["index"]) for batch, _ in outputs)
             side = sum(len(batch["index"]) / rows * strategy.task_loss(batch, out)

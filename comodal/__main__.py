@@ -1,0 +1,7 @@
+"""``python -m comodal``: the ``comodal`` command line."""
+
+import sys
+
+from comodal.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""What stock Avalanche plugins need of comodal beyond the trainer's attributes: the criterion
+they call on the model's output (``strategy._criterion(model(x), y)``), and the plugins that
+cannot apply to a stream, refused before training with the reason."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comodal.errors import ConfigError
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from avalanche.training.plugins import (
+        EarlyStoppingPlugin,
+        EvaluationPlugin,
+        GDumbPlugin,
+        LwFPlugin,
+        ReplayPlugin,
+    )
+
+
+class AvalancheCriterion(nn.Module):
+    """The task loss of a model output and Avalanche targets, as a plugin computes it on its
+    own batches (AGEM's and GEM's memories, EWC's Fisher):
+
+    - logits ``[B, C]`` and classifier rows: cross-entropy over the rows whose class has a
+      classifier row (targets -1, classes not learned yet, are left out; 0 if none has one);
+    - a pair output ``[B, 2, D]`` and task indices: InfoNCE (``infonce``) between the two
+      L2-normalised embeddings within each task's rows, weighted by its share of the rows (a
+      memory batch may mix tasks; the negatives stay each task's own).
+
+    ``model()`` gives the model whose logit scale InfoNCE uses (the trainer's may be replaced)."""
+
+    def __init__(self, model: Callable[[], nn.Module], infonce: nn.Module) -> None:
+        super().__init__()
+        self.model, self.infonce = model, infonce
+
+    def forward(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if output.dim() == 2:
+            known = targets >= 0
+            if not bool(known.all()):
+                if not bool(known.any()):
+                    return output.new_zeros(())
+                output, targets = output[known], targets[known]
+            return F.cross_entropy(output, targets)
+        scale = self.model().scale
+        z = F.normalize(output, dim=-1)
+        tasks = targets.unique()
+        if len(tasks) == 1:
+            return self.infonce(z[:, 0], z[:, 1], scale)
+        return sum((targets == t).float().mean()
+                   * self.infonce(z[targets == t, 0], z[targets == t, 1], scale)
+                   for t in tasks)
+
+
+def is_evaluator(plugin: Any) -> bool:
+    return isinstance(plugin, EvaluationPlugin)
+
+
+# (plugin class, task kind it cannot apply to, why)
+_REFUSED = (
+    (LwFPlugin, "pair", "it distils class logits over the classes seen so far, and pair "
+                        "tasks have a contrastive loss and no class logits (use comodal's "
+                        "relation_kd)"),
+    (ReplayPlugin, "pair", "its loader joins memory rows of earlier tasks into one training "
+                           "batch, and tasks of different modality pairs cannot share a "
+                           "contrastive batch (use comodal's er, which keeps side batches)"),
+    (GDumbPlugin, "pair", "it balances its buffer by class, and pair tasks have no classes "
+                          "(use comodal's er with policy: experience)"),
+)
+
+
+def check_plugins(plugins: Sequence[Any], scenario: Any, evaluator: Any,
+                  evaluation: Any) -> None:
+    """Refuse, before training, a stock plugin that cannot apply to the scenario's tasks."""
+    kinds = {task.kind for task in scenario.tasks}
+    for i, plugin in enumerate(plugins):
+        name = type(plugin).__name__
+        for cls, kind, why in _REFUSED:
+            if isinstance(plugin, cls) and kind in kinds:
+                raise ConfigError(f"plugin {i} ({name}) cannot run on {kind} tasks: {why}")
+        if isinstance(plugin, EarlyStoppingPlugin) and (evaluator is None
+                                                        or not evaluation.every_epochs):
+            raise ConfigError(f"plugin {i} ({name}) stops on a metric the evaluator reports "
+                              "during training: attach an EvaluationPlugin with that metric "
+                              "and set eval.every_epochs (e.g. 1), whose evaluations of the "
+                              "test stream ('test_stream') it then reads")
