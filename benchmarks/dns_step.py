@@ -49,11 +49,11 @@ from typing import Any
 import torch
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
+from comodal.core.data import MultimodalDataset
 from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.modalities import Modality
 from comodal.platform.model import MultimodalEncoder
 from comodal.platform.trainer import Trainer
-from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.task import Scenario, Task
 from comodal.strategies.dns import DNS, DNSConfig
 from comodal.strategies.finetune import Finetune

@@ -44,12 +44,12 @@ with warnings.catch_warnings():
     from avalanche.training.plugins import EvaluationPlugin
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
+from comodal.core.data import BatchLoader, MultimodalDataset
 from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.losses import InfoNCE
 from comodal.platform.modalities import Modality
 from comodal.platform.model import MultimodalEncoder
 from comodal.platform.trainer import Trainer
-from comodal.scenarios.data import BatchLoader, MultimodalDataset
 from comodal.scenarios.task import Scenario, Task
 from comodal.strategies.finetune import Finetune
 

@@ -16,7 +16,7 @@ _EXPORTS = {
     "register_dataset": "comodal.scenarios.registry",
     "DatasetSpec": "comodal.scenarios.registry",
     "Splits": "comodal.scenarios.registry",
-    "MultimodalDataset": "comodal.scenarios.data",
+    "MultimodalDataset": "comodal.core.data",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from comodal.config import RunConfig
+from comodal.core.data import Batch
 from comodal.platform.avalanche_view import AvalancheCriterion
 from comodal.platform.model import MultimodalEncoder
-from comodal.scenarios.data import Batch
 from comodal.scenarios.task import Scenario
 
 __all__ = ["AvalancheCriterion", "Batch", "ForAvalanche", "for_avalanche"]

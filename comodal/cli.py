@@ -186,8 +186,8 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from comodal.core.files import atomic_write_text
     from comodal.platform.compare import execute, parse_stacks, pending, plan
-    from comodal.platform.results import atomic_write_text
 
     config = load_config(args.config, args.overrides, check=False)  # each run is checked
     if args.workers < 1:

@@ -139,3 +139,17 @@ def test_a_trainer_fits_once(two_tasks: RunConfig) -> None:
     trainer.setup(build_scenario(two_tasks))
     with pytest.raises(RuntimeError, match="already been fit"):
         trainer.setup(build_scenario(two_tasks))
+
+
+def test_the_evaluator_and_the_clock_are_called_after_the_other_plugins(
+    two_tasks: RunConfig,
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from avalanche.training.plugins import EvaluationPlugin, EWCPlugin
+    evaluator, ewc = EvaluationPlugin(loggers=[]), EWCPlugin(ewc_lambda=1.0)
+    trainer = build_trainer(two_tasks, [evaluator, ewc])
+    assert trainer.evaluator is evaluator
+    hooks = trainer._hooks["after_training_exp"]
+    assert len(hooks) == 3  # EWC's, the evaluator's (it answers every callback), the clock's
+    assert hooks[0].__self__ is ewc and hooks[-1].__self__ is trainer.clock

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from comodal.config import ModalityConfig
+from comodal.core.data import MultimodalDataset
 from comodal.errors import DataError
 from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.modalities import Modality
-from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.registry import Splits, class_incremental
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from comodal.config import ModalityConfig, RunConfig, TrainConfig
+from comodal.core.data import MultimodalDataset
 from comodal.errors import ConfigError
 from comodal.platform.run import build_trainer
-from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.task import Scenario, Task
 from comodal.strategies.dns import DNS, DNSConfig
 from comodal.strategies.ewc import EWC, EWCConfig

@@ -321,7 +321,7 @@ def test_replay_stacks_with_other_strategies_on_pairs(tiny: dict, tmp_path: Path
 
 def test_a_class_balanced_buffer_on_unlabelled_pairs_fails_before_training(tmp_path: Path) -> None:
     from comodal.config import ModalityConfig, RunConfig
-    from comodal.scenarios.data import MultimodalDataset
+    from comodal.core.data import MultimodalDataset
     from comodal.scenarios.task import Scenario, Task
 
     def rows(seed: int) -> MultimodalDataset:

@@ -124,7 +124,7 @@ def test_an_out_under_an_existing_file_fails_before_any_data_is_generated(
 
 
 def test_a_result_file_that_cannot_be_written_is_a_named_error(tmp_path: Path) -> None:
-    from comodal.platform.results import atomic_write_text
+    from comodal.core.files import atomic_write_text
 
     (tmp_path / "file").write_text("mine")
     with pytest.raises(ConfigError, match=f"cannot write {tmp_path / 'file' / 'summary.md'}: "):

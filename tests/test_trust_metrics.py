@@ -11,6 +11,7 @@ import torch
 from helpers import class_incremental, load_dict
 
 from comodal.config import EvalConfig, ModalityConfig, RunConfig, TrainConfig
+from comodal.core.data import MultimodalDataset
 from comodal.errors import TrainingError
 from comodal.platform import report
 from comodal.platform import run as run_module
@@ -19,7 +20,6 @@ from comodal.platform.modalities import build_modalities
 from comodal.platform.results import format_summaries
 from comodal.platform.run import build_model, build_trainer, run
 from comodal.platform.trainer import ClassifyOutput, Trainer
-from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.registry import build_scenario
 from comodal.scenarios.task import Scenario, Task
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from comodal.config import ModalityConfig, RunConfig, TrainConfig
+from comodal.core.data import MultimodalDataset
 from comodal.errors import ConfigError
 from comodal.platform.model import MultimodalEncoder
 from comodal.platform.run import build_trainer
-from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.task import Scenario, Task
 from comodal.strategies.distill import KD, KDConfig, RelationKD
 from comodal.strategies.dns import DNS, DNSConfig

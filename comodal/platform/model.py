@@ -68,7 +68,7 @@ class MultimodalEncoder(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         """What Avalanche's plugins call (``avalanche_forward(model, x, t)``) on a
-        ``comodal.scenarios.data.Batch``: a class-incremental batch's logits over the classes
+        ``comodal.core.data.Batch``: a class-incremental batch's logits over the classes
         grown so far, or a pair batch's ``[B, 2, D]`` un-normalised joint embeddings (first
         modality, then second), whose norm methods such as MAS can differentiate. A batch
         mixing modality pairs is forwarded part by part, rows back in their places."""

@@ -1,50 +1,23 @@
-"""Atomic writes and the run directory: resolved config, metric matrices, summary, TensorBoard."""
+"""The run directory: resolved config, metric matrices, summary, TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from comodal.errors import ConfigError, DataError
+from comodal.core.files import atomic_write_text
+from comodal.errors import DataError
 
 # What a run's numbers mean. Format 2: retrieval counts content-identical partners as positives
 # and a non-finite similarity as a miss, class-incremental Acc is pooled over test rows,
 # relation_kd distils only pairs the teacher trained, kd distils a trained encoder's output.
 # Results or checkpoints of another format are never reused, resumed or reported beside these.
 RESULTS_FORMAT = 2
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    path = Path(path)
-    try:  # a read-only directory, or a file where a directory should be
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from err
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _clean(value: float) -> float | None:

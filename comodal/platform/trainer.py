@@ -15,6 +15,14 @@ from tqdm.auto import tqdm
 
 from comodal._avalanche import BasePlugin, BaseSGDPlugin, Clock, SupervisedPlugin
 from comodal.config import EvalConfig, TrainConfig
+from comodal.core.data import (
+    Batch,
+    BatchLoader,
+    InterleavedLoader,
+    MultimodalDataset,
+    concat,
+    non_finite_rows,
+)
 from comodal.errors import ConfigError, TrainingError
 from comodal.platform import checkpoint
 from comodal.platform.avalanche_view import AvalancheCriterion, check_plugins, is_evaluator
@@ -24,14 +32,6 @@ from comodal.platform.metrics import accuracy, content_ids, retrieval_recalls, z
 from comodal.platform.modalities import Modality, collate_samples
 from comodal.platform.model import MultimodalEncoder, frozen_copy
 from comodal.platform.schedules import build_scheduler
-from comodal.scenarios.data import (
-    Batch,
-    BatchLoader,
-    InterleavedLoader,
-    MultimodalDataset,
-    concat,
-    non_finite_rows,
-)
 from comodal.scenarios.task import Scenario, Task
 
 TRAIN_HOOKS = (
@@ -465,7 +465,7 @@ class Trainer:
         if not isinstance(batch, Batch):
             task = self.scenario.tasks[batch["task_id"]]
             batch = Batch(batch, len(batch["index"]), task.kind, task.modalities)
-        return batch.to(self.device)
+        return batch if self.device.type == "cpu" else batch.to(self.device)
 
     def epoch_loss(self, losses: torch.Tensor, epoch: int) -> float:
         """Mean of an epoch's step losses; a non-finite one stops training with a

@@ -30,7 +30,7 @@ from comodal._avalanche import (
     TaskAwareSupervisedClassificationDataset,
     TaskLabels,
 )
-from comodal.scenarios.data import Batch, MultimodalDataset
+from comodal.core.data import Batch, MultimodalDataset
 from comodal.scenarios.task import Task
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from comodal.config import FeaturesConfig
+from comodal.core.data import MultimodalDataset, non_finite_rows
 from comodal.errors import DataError
-from comodal.scenarios.data import MultimodalDataset, non_finite_rows
 
 SPLITS = ("train", "test")
 INDEX_HEADER = "id,split[,label]"

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from comodal.config import DataConfig, RunConfig
+from comodal.core.data import MultimodalDataset
 from comodal.entry_points import load_entry_points
 from comodal.errors import ConfigError
-from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.task import Scenario, Task
 
 

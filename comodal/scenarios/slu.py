@@ -24,8 +24,8 @@ import numpy as np
 import soundfile
 import torch
 
+from comodal.core.data import MultimodalDataset
 from comodal.errors import DataError
-from comodal.scenarios.data import MultimodalDataset
 from comodal.scenarios.synth_fsc import INTENTS
 
 FSC_COLUMNS = ("path", "speakerId", "transcription", "action", "object", "location")

@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 from comodal.config import DataConfig
+from comodal.core.files import source_digest
 from comodal.errors import ConfigError
-from comodal.platform.encoders import source_digest
 from comodal.scenarios import synth_fsc
 from comodal.scenarios.registry import DatasetSpec, Splits, register_dataset
 from comodal.scenarios.slu import SlurpIntents, fsc_class_names, read_fsc, read_slurp

@@ -16,10 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from comodal.config import DataConfig, SynthPairsConfig
-from comodal.platform.encoders import source_digest
-from comodal.platform.results import atomic_torch_save
+from comodal.core.data import MultimodalDataset, concat
+from comodal.core.files import atomic_torch_save, source_digest
 from comodal.scenarios import synth_world as world
-from comodal.scenarios.data import MultimodalDataset, concat
 from comodal.scenarios.registry import DatasetSpec, Splits, register_dataset
 
 VERSION = 1

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from comodal.core.data import MultimodalDataset
 from comodal.errors import DataError
-from comodal.scenarios.data import MultimodalDataset
 
 KINDS = ("pair", "classify")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from comodal.core.data import BatchLoader, gather_parts
 from comodal.errors import ConfigError
-from comodal.scenarios.data import BatchLoader, gather_parts
 from comodal.strategies.base import Strategy
 from comodal.strategies.buffers import BufferConfig, ReplayBuffer
 
