@@ -1,7 +1,7 @@
 """The Avalanche names comodal uses, imported in one place.
 
-Avalanche 0.6 imports qpsolvers, which warns at import when no QP solver is installed (only
-its GEM plugin needs one); the warning is silenced here rather than at every import site.
+Avalanche 0.6's imports warn (qpsolvers without a solver, deprecations); the warnings are
+silenced here rather than at every import site.
 """
 
 import warnings
@@ -14,10 +14,23 @@ with warnings.catch_warnings():
         TaskAwareSupervisedClassificationDataset,
     )
     from avalanche.core import BasePlugin, BaseSGDPlugin, SupervisedPlugin
+    from avalanche.evaluation.metrics import ExperienceForgetting, StreamForgetting
+    from avalanche.evaluation.metrics.accuracy import AccuracyPluginMetric
+    from avalanche.training.plugins import (
+        EarlyStoppingPlugin,
+        EvaluationPlugin,
+        GDumbPlugin,
+        LRSchedulerPlugin,
+        LwFPlugin,
+        ReplayPlugin,
+        SynapticIntelligencePlugin,
+    )
     from avalanche.training.plugins.clock import Clock
 
 __all__ = [
-    "BasePlugin", "BaseSGDPlugin", "CLScenario", "Clock", "ConstantSequence", "DataAttribute",
-    "DatasetExperience", "EagerCLStream", "SupervisedPlugin",
-    "TaskAwareSupervisedClassificationDataset", "TaskLabels",
+    "AccuracyPluginMetric", "BasePlugin", "BaseSGDPlugin", "CLScenario", "Clock",
+    "ConstantSequence", "DataAttribute", "DatasetExperience", "EagerCLStream",
+    "EarlyStoppingPlugin", "EvaluationPlugin", "ExperienceForgetting", "GDumbPlugin",
+    "LRSchedulerPlugin", "LwFPlugin", "ReplayPlugin", "StreamForgetting", "SupervisedPlugin",
+    "SynapticIntelligencePlugin", "TaskAwareSupervisedClassificationDataset", "TaskLabels",
 ]

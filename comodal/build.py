@@ -57,6 +57,9 @@ def import_modules(modules: Sequence[str]) -> None:
                               "be installed or on PYTHONPATH)") from err
         except ComodalError as err:  # a registration the module made was refused
             raise ConfigError(f"imports[{i}]: importing {module!r}: {err}") from err
+        except Exception as err:  # the module's own code failed
+            raise ConfigError(f"imports[{i}]: importing {module!r} failed: "
+                              f"{type(err).__name__}: {err}") from err
 
 
 def scenario_kind(config: RunConfig) -> str:

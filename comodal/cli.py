@@ -85,7 +85,11 @@ def registered() -> dict[str, Any]:
     from comodal.strategies.registry import strategies
 
     def default(f: dataclasses.Field) -> Any:
-        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+        return "(required)"
 
     return {
         "strategies": {name: {"kinds": list(cls.kinds),

@@ -175,6 +175,11 @@ class EvalConfig:
     batch_size: int = 512
     every_epochs: int = 0  # also evaluate every this many training epochs (for plugins)
 
+    def __post_init__(self) -> None:
+        if self.every_epochs < 0:
+            raise ConfigError(f"eval.every_epochs: must be >= 0 (0: only after each task), "
+                              f"got {self.every_epochs}")
+
 
 @dataclass
 class RunConfig:

@@ -100,7 +100,6 @@ def test_only_overridden_hooks_are_called_and_plugins_edit_the_loss(
     assert [h for h, owners in called.items() if owners] == ["before_backward"]
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.setup(build_scenario(two_tasks))
-    trainer.train_cfg.optimizer = "sgd"
     trainer.train_experience(trainer.benchmark.train_stream[0])
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -153,3 +152,75 @@ def test_the_evaluator_and_the_clock_are_called_after_the_other_plugins(
     hooks = trainer._hooks["after_training_exp"]
     assert len(hooks) == 3  # EWC's, the evaluator's (it answers every callback), the clock's
     assert hooks[0].__self__ is ewc and hooks[-1].__self__ is trainer.clock
+
+
+def test_a_batch_is_rows_to_avalanche(two_tasks: RunConfig) -> None:
+    scenario = build_scenario(two_tasks)
+    modalities = build_modalities(two_tasks.model.modalities)
+    bm = scenario.benchmark(collate_fn=lambda s: collate_samples(s, modalities))
+    data = bm.train_stream[0].dataset
+    first, y, _ = data.collate_fn([data[i] for i in range(6)])
+    second, _, _ = data.collate_fn([data[i] for i in range(6, 10)])
+    assert len(first) == first.size(0) == 6 and y.tolist() == [0] * 6
+    head = first[:2]
+    assert len(head) == 2 and head["index"].tolist() == [0, 1]
+    assert torch.equal(head["vision"], first["vision"][:2])
+    joined = torch.cat((first, second), dim=0)
+    assert len(joined) == 10 and joined["index"].tolist() == list(range(10))
+    assert joined.modalities == first.modalities and joined.clone() is joined
+    mixed, y, t = data.collate_fn([data[0], bm.train_stream[1].dataset[0]])
+    assert mixed.kind == "mixed" and [len(part) for _, part in mixed.parts] == [1, 1]
+    assert y.tolist() == [0, 1] and t.tolist() == [0, 1]
+
+
+def test_the_avalanche_criterion_is_the_task_loss() -> None:
+    from comodal.platform.avalanche_view import AvalancheCriterion
+    from comodal.platform.losses import InfoNCE
+
+    scale = torch.tensor(10.0)
+    model = type("M", (), {"scale": scale})()
+    infonce = InfoNCE()
+    criterion = AvalancheCriterion(lambda: model, infonce)
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(6, 2, 4, generator=g)
+    tasks = torch.tensor([0, 0, 1, 1, 1, 0])
+    z = torch.nn.functional.normalize(out, dim=-1)
+    a, b = tasks == 0, tasks == 1
+    expected = (0.5 * infonce(z[a, 0], z[a, 1], scale)
+                + 0.5 * infonce(z[b, 0], z[b, 1], scale))
+    assert criterion(out, tasks) == pytest.approx(float(expected), rel=1e-6)
+    logits = torch.randn(4, 3, generator=g)
+    rows = torch.tensor([2, -1, 0, -1])  # -1: a class not learned yet, left out
+    known = torch.nn.functional.cross_entropy(logits[[0, 2]], rows[[0, 2]])
+    assert criterion(logits, rows) == pytest.approx(float(known))
+    assert float(criterion(logits, torch.full((4,), -1))) == 0.0
+
+
+class Probe(SupervisedPlugin):
+    """Checks, at a training step, that Avalanche's view agrees with the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def after_forward(self, strategy, **kwargs) -> None:  # noqa: ANN001
+        with torch.no_grad():
+            again = strategy.model(strategy.mb_x)
+        y, t = strategy.mb_y, strategy.mb_task_id
+        self.seen.append(torch.allclose(strategy.mb_output, again, atol=1e-6)
+                         and strategy.mb_output.shape == (len(strategy.mb_x), 2, 256)
+                         and bool((y == strategy.experience_index).all())
+                         and bool((t == strategy.experience_index).all())
+                         and strategy.is_training and not strategy.is_eval)
+
+
+def test_avalanche_attributes_agree_with_the_model(two_tasks: RunConfig) -> None:
+    probe = Probe()
+    trainer = build_trainer(two_tasks, [probe])
+    trainer.setup(build_scenario(two_tasks))
+    assert trainer.current_eval_stream == list(trainer.benchmark.test_stream)
+    assert trainer.eval_mb_size == two_tasks.eval.batch_size and trainer.is_eval
+    assert trainer.train_epochs == two_tasks.train.epochs
+    trainer.train_experience(trainer.benchmark.train_stream[1])
+    assert probe.seen and all(probe.seen)
+    assert trainer.clock.train_exp_epochs == two_tasks.train.epochs

@@ -219,11 +219,15 @@ def test_replay_plugin_fills_its_buffer_and_trains_on_it(ci_config: RunConfig,
 
 def test_gdumb_trains_from_scratch_on_its_buffer(ci_config: RunConfig) -> None:
     plugin = GDumbPlugin(mem_size=40)
-    trainer = fit(ci_config, plugin)
+    trainer = build_trainer(ci_config, [plugin])
+    initial = weights(trainer)
+    trainer.fit(build_scenario(ci_config))
     assert len(plugin.storage_policy.buffer) == 40
-    steps = -(-40 // ci_config.train.batch_size) * ci_config.train.epochs
-    assert len(trainer.history) == 2 * ci_config.train.epochs and steps > 0
-    assert trainer.model is not plugin.init_model
+    assert len(trainer.adapted_dataset) == 40  # the last task trained on the buffer alone
+    assert len(trainer.history) == 2 * ci_config.train.epochs
+    assert trainer.model is not plugin.init_model  # each task trains a copy of the first model
+    kept = plugin.init_model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in initial.items() if k in kept)
 
 
 @pytest.mark.parametrize("plugin", [LwFPlugin(), ReplayPlugin(mem_size=10),
@@ -235,6 +239,22 @@ def test_plugins_that_cannot_apply_to_pair_tasks_are_refused_before_training(
     with pytest.raises(ConfigError, match=f"{type(plugin).__name__}.*cannot run on pair tasks"):
         trainer.setup(build_scenario(pair_config))
     assert not trainer.history
+
+
+def test_accuracy_metrics_on_pair_tasks_and_two_schedulers_are_refused(
+    pair_config: RunConfig,
+) -> None:
+    evaluator = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
+    trainer = build_trainer(pair_config, [evaluator])
+    with pytest.raises(ConfigError, match="scores class predictions, and pair tasks have none"):
+        trainer.setup(build_scenario(pair_config))
+    config = copy.deepcopy(pair_config)
+    config.train.scheduler.name = "cosine"
+    trainer = build_trainer(config, [])
+    trainer.attach(LRSchedulerPlugin(
+        torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=1)))
+    with pytest.raises(ConfigError, match="would both set the learning rate"):
+        trainer.setup(build_scenario(config))
 
 
 def test_early_stopping_without_periodic_evaluation_is_refused(pair_config: RunConfig) -> None:

@@ -39,6 +39,9 @@ def test_experiences_carry_what_avalanche_reads(config: RunConfig) -> None:
     assert first.classes_in_this_experience == [0, 1, 2, 3]
     assert second.classes_in_this_experience == [4, 5, 6, 7]
     assert second.previous_classes == [0, 1, 2, 3] and first.future_classes == [4, 5, 6, 7]
+    assert first.classes_seen_so_far == [0, 1, 2, 3]
+    assert second.classes_seen_so_far == list(range(8))
+    assert setup.model.class_ids.tolist() == [0, 5, 10, 15, 20, 3, 8, 13]  # all, from the start
     data = second.dataset
     assert set(data.targets.uniques) == {4, 5, 6, 7}
     assert set(data.targets_task_labels.uniques) == {0}

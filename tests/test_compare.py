@@ -34,11 +34,17 @@ class Kill(Strategy):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("kind,stack", [("pairs", ["er", "dns"]), ("classes", ["coconut", "kd"])])
+KEPT = {"keep_optimizer": True, "scheduler": {"name": "cosine", "warmup_epochs": 0.5}}
+
+
+@pytest.mark.parametrize("kind,stack,train", [
+    ("pairs", ["er", "dns"], {}), ("classes", ["coconut", "kd"], {}),
+    ("pairs", ["finetune"], KEPT),  # the optimizer's moments come back too
+])
 def test_a_run_killed_after_a_task_resumes_to_the_uninterrupted_metrics(
-        tiny: dict, tmp_path: Path, kind: str, stack: list[str]) -> None:
+        tiny: dict, tmp_path: Path, kind: str, stack: list[str], train: dict) -> None:
     base = tiny if kind == "pairs" else class_incremental(tiny)
-    base["train"]["epochs"] = 2
+    base["train"].update(epochs=2, **train)
     base["strategies"] = stack
     config = load_dict(base, tmp_path)
     scenario = build_scenario(config)

@@ -208,8 +208,15 @@ class Batch(dict):
         if self.samples is None:
             raise TypeError("rows of a training batch cannot be selected; only batches of "
                             "an Avalanche loader (collated from samples) can")
-        picked = range(self.rows)[key] if isinstance(key, slice) else torch.as_tensor(key)
-        return self.collate([self.samples[i] for i in list(picked)])
+        if isinstance(key, slice):
+            picked = list(range(self.rows)[key])
+        else:
+            index = torch.as_tensor(key)
+            if index.dim() != 1:
+                raise TypeError(f"a batch's rows are selected by a slice, a list of rows or a "
+                                f"row mask, not {key!r}")
+            picked = (index.nonzero().flatten() if index.dtype == torch.bool else index).tolist()
+        return self.collate([self.samples[i] for i in picked])
 
     def size(self, dim: int = 0) -> int:
         if dim != 0:
@@ -220,8 +227,6 @@ class Batch(dict):
         return self
 
     def to(self, device: Any, non_blocking: bool = False) -> Batch:
-        if torch.device(device).type == "cpu":
-            return self
         moved = Batch(_to(dict(self), device), self.rows, self.kind, self.modalities,
                       self.samples, self.collate)
         moved.parts = [(rows, part.to(device)) for rows, part in self.parts or []] or None

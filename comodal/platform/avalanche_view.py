@@ -4,7 +4,6 @@ cannot apply to a stream, refused before training with the reason."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,17 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comodal._avalanche import (
+    AccuracyPluginMetric,
+    EarlyStoppingPlugin,
+    EvaluationPlugin,
+    ExperienceForgetting,
+    GDumbPlugin,
+    LRSchedulerPlugin,
+    LwFPlugin,
+    ReplayPlugin,
+    StreamForgetting,
+)
+from comodal.config import EvalConfig, TrainConfig
 from comodal.errors import ConfigError
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from avalanche.training.plugins import (
-        EarlyStoppingPlugin,
-        EvaluationPlugin,
-        GDumbPlugin,
-        LwFPlugin,
-        ReplayPlugin,
-    )
 
 
 class AvalancheCriterion(nn.Module):
@@ -77,7 +78,7 @@ _REFUSED = (
 
 
 def check_plugins(plugins: Sequence[Any], scenario: Any, evaluator: Any,
-                  evaluation: Any) -> None:
+                  train: TrainConfig, evaluation: EvalConfig) -> None:
     """Refuse, before training, a stock plugin that cannot apply to the scenario's tasks."""
     kinds = {task.kind for task in scenario.tasks}
     for i, plugin in enumerate(plugins):
@@ -91,3 +92,12 @@ def check_plugins(plugins: Sequence[Any], scenario: Any, evaluator: Any,
                               "during training: attach an EvaluationPlugin with that metric "
                               "and set eval.every_epochs (e.g. 1), whose evaluations of the "
                               "test stream ('test_stream') it then reads")
+        if isinstance(plugin, LRSchedulerPlugin) and train.scheduler.name != "none":
+            raise ConfigError(f"plugin {i} ({name}) and train.scheduler "
+                              f"({train.scheduler.name}) would both set the learning rate: "
+                              "keep one of them")
+    for metric in getattr(evaluator, "metrics", []) if "pair" in kinds else []:
+        if isinstance(metric, (AccuracyPluginMetric, ExperienceForgetting, StreamForgetting)):
+            raise ConfigError(f"EvaluationPlugin metric {metric} scores class predictions, "
+                              "and pair tasks have none (their output is two embeddings): "
+                              "use loss metrics, and comodal's recall@k for retrieval")

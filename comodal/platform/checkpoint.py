@@ -7,7 +7,8 @@ Fisher anchors; ``None`` for one without a ``state_dict``, whose state a resumed
 back, so ``comodal.build.check_resume`` refuses to resume a config whose ``plugins`` hold one),
 the evaluation rows and training history so far, and every random state the rest of the run
 draws from: the trainer's batch generator and torch's, numpy's and Python's global generators.
-The optimizer is not saved: the trainer builds a fresh one at the start of every task.
+With ``train.keep_optimizer`` the optimizer's moments are saved too (otherwise every task
+starts from fresh moments, and there is nothing to save).
 Teachers are not saved either: a teacher is the model as it was at the start of its task, which
 is the checkpointed model. Files load with ``weights_only=True`` (tensors and plain containers
 only) and are written atomically, so a kill never leaves a half-written checkpoint.
@@ -62,7 +63,8 @@ def save(directory: Path, trainer: Any, rows: list, config: str) -> Path:
         "history": trainer.history,
         "model": trainer.model.state_dict(),
         "class_ids": trainer.model.class_ids.tolist(),
-        "optimizer": trainer.optimizer.state_dict(),  # its moments, with train.keep_optimizer
+        "optimizer": (trainer.optimizer.state_dict() if trainer.train_cfg.keep_optimizer
+                      else None),
         "strategies": [p.state_dict() if hasattr(p, "state_dict") else None
                        for p in trainer.plugins],
         "rng": rng_state(trainer.generator),
@@ -113,8 +115,9 @@ def restore(trainer: Any, state: dict[str, Any]) -> list:
     """Put the trainer where it was after the checkpoint's task; returns the rows so far."""
     trainer.model.grow(state["class_ids"])
     trainer.model.load_state_dict(state["model"])  # copies onto the model's device
-    trainer.optimizer = trainer.make_optimizer()  # over the grown classifier's parameters
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:
+        trainer.optimizer = trainer.make_optimizer()  # over the grown classifier's parameters
+        trainer.optimizer.load_state_dict(state["optimizer"])
     for plugin, plugin_state in zip(trainer.plugins, state["strategies"], strict=True):
         if plugin_state is not None:
             plugin.load_state_dict(plugin_state)

@@ -65,7 +65,7 @@ class LiveTensorBoard(SupervisedPlugin):
         entry = strategy.history[-1]
         name, step = self.task_names[entry["task"]], self.epochs - 1
         self.writer.add_scalar(f"train/loss/{name}", entry["loss"], step)
-        self.writer.add_scalar(f"train/lr/{name}", strategy.optimizer.param_groups[0]["lr"], step)
+        self.writer.add_scalar(f"train/lr/{name}", entry["lr"], step)
         self.writer.flush()
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:

@@ -48,6 +48,7 @@ class MultimodalEncoder(nn.Module):
         self.joint_dim = joint_dim
         self.classifier: nn.Linear | None = None  # created by the first grow()
         self.register_buffer("class_ids", torch.zeros(0, dtype=torch.long))
+        self._rows: torch.Tensor | None = None  # class id -> classifier row, made once per grow
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -97,6 +98,7 @@ class MultimodalEncoder(nn.Module):
                 grown.bias[: len(known)] = self.classifier.bias
         self.classifier = grown
         self.class_ids = torch.cat([self.class_ids, torch.tensor(new, device=device)])
+        self._rows = None
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Logits over the classes grown so far from joint features ``z`` (before
@@ -105,12 +107,16 @@ class MultimodalEncoder(nn.Module):
         return self.classifier(F.normalize(z, dim=-1)) * self.scale
 
     def class_rows(self, labels: torch.Tensor) -> torch.Tensor:
-        """Classifier row of each class id in ``labels``; -1 for a class not grown yet."""
-        size = max(int(self.class_ids.max()) if len(self.class_ids) else -1,
-                   int(labels.max()) if len(labels) else -1) + 1
-        lookup = torch.full((size,), -1, dtype=torch.long, device=self.class_ids.device)
-        lookup[self.class_ids] = torch.arange(len(self.class_ids), device=lookup.device)
-        return lookup[labels.to(lookup.device)]
+        """Classifier row of each class id in ``labels``; -1 for a class not grown yet. The
+        lookup table is made once per growth (one host synchronisation), not per batch."""
+        if self._rows is None or self._rows.device != self.class_ids.device:
+            size = int(self.class_ids.max()) + 1 if len(self.class_ids) else 0
+            self._rows = torch.full((size + 1,), -1, dtype=torch.long,
+                                    device=self.class_ids.device)  # last slot: unknown ids
+            self._rows[self.class_ids] = torch.arange(len(self.class_ids),
+                                                      device=self.class_ids.device)
+        labels = labels.to(self._rows.device)
+        return self._rows[labels.clamp(max=len(self._rows) - 1)]
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from comodal._avalanche import BasePlugin, BaseSGDPlugin, Clock, SupervisedPlugin
+from comodal._avalanche import (
+    BasePlugin,
+    BaseSGDPlugin,
+    Clock,
+    SupervisedPlugin,
+    SynapticIntelligencePlugin,
+)
 from comodal.config import EvalConfig, TrainConfig
 from comodal.core.data import (
     Batch,
@@ -78,7 +84,8 @@ class Trainer:
     ``(trainer, **kwargs)`` as Avalanche calls ``(strategy, **kwargs)``; only the hooks a
     plugin overrides are called, from lists built once here.
 
-    What a plugin may read and write, Avalanche's template names first: ``model``,
+    What a plugin may read (and replace: ``model``, ``optimizer``, ``adapted_dataset``,
+    ``dataloader``, ``loss``), Avalanche's template names first: ``model``,
     ``optimizer``, ``experience``, ``adapted_dataset``, ``dataloader``, ``mbatch`` (a
     ``Batch``), ``mb_x``, ``mb_y``, ``mb_task_id``, ``mb_output``, ``loss``, ``_criterion``,
     ``clock``, ``evaluator``, ``is_training``, ``is_eval``, ``train_mb_size``,
@@ -120,7 +127,7 @@ class Trainer:
         self.train_epochs, self.train_mb_size = train.epochs, train.batch_size
         self.eval_mb_size, self.eval_every = evaluation.batch_size, evaluation.every_epochs
         self.optimizer: torch.optim.Optimizer | None = None
-        self.optimizer = self.make_optimizer()  # now, so a plugin may schedule it
+        self.optimizer = self.make_optimizer()  # made now, so that a plugin may schedule it
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.experience: Any = None
         self.scenario: Scenario | None = None
@@ -144,6 +151,9 @@ class Trainer:
         ``trainer.optimizer``."""
         if self.scenario is not None:
             raise RuntimeError("plugins attach before fit")
+        for plugin in plugins:
+            if hasattr(plugin, "check"):
+                plugin.check(self.model)
         self.plugins += plugins
         self._build_hooks()
 
@@ -159,7 +169,7 @@ class Trainer:
         }
         self._uses_teacher = any(getattr(p, "uses_teacher", False) for p in self.plugins)
         self._rehome = self.device.type == "cpu" and any(
-            type(p).__name__ == "SynapticIntelligencePlugin" for p in self.plugins)
+            isinstance(p, SynapticIntelligencePlugin) for p in self.plugins)
         self._eval_loss = self.evaluator is not None or any(
             overrides(p, h) for p in self.plugins
             for h in ("after_eval_forward", "after_eval_iteration"))
@@ -213,9 +223,10 @@ class Trainer:
         """Stop the current task's training at the next step (Avalanche's early stop)."""
         self._stop = True
 
-    def model_adaptation(self, model: Any = None) -> None:
+    def model_adaptation(self, model: Any = None) -> Any:
         """Avalanche's hook to grow a model for an experience: comodal's classifier grows
-        its classes when a task starts, so there is nothing to do here."""
+        its classes when a task starts, so the model is returned as it is."""
+        return model if model is not None else self.model
 
     def teacher_output(self, batch: dict[str, Any]) -> Any:
         """``forward(batch, teacher)`` without gradients, computed once per batch of the
@@ -373,7 +384,8 @@ class Trainer:
             collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
         )
         self.current_eval_stream = list(self.benchmark.test_stream)
-        check_plugins(self.plugins, self.scenario, self.evaluator, self.eval_cfg)
+        check_plugins(self.plugins, self.scenario, self.evaluator, self.train_cfg,
+                      self.eval_cfg)
 
     def _content_groups(self, raw: Task, task: Task) -> tuple[torch.Tensor, ...] | None:
         """A pair task's ``content_ids`` of its test rows per modality, so that retrieval
@@ -411,7 +423,7 @@ class Trainer:
     def train_experience(self, exp: Any) -> None:
         """One task: its loader, classes and optimizer, then the epochs (until they end or a
         plugin calls ``stop_training``)."""
-        self.experience, self.is_training = exp, True
+        self.experience, self.is_training, self._stop = exp, True, False
         self.experience_index = exp.current_experience
         self.model.train()
         self.teacher = (frozen_copy(self.model) if self._uses_teacher and self.experience_index
@@ -424,9 +436,9 @@ class Trainer:
         self.dataloader = self.make_train_loader(tasks)
         self.grow_classes(sorted({*range(self.experience_index + 1), *tasks}))
         self.optimizer = self.make_optimizer()
+        self._call("before_training_exp")  # a plugin may replace the loader here (Replay)
         self.scheduler = build_scheduler(self.optimizer, self.train_cfg.scheduler,
                                          len(self.dataloader), self.train_epochs)
-        self._call("before_training_exp")
         total = self.train_epochs * len(self.dataloader)
         bar = tqdm(total=total, desc=f"train {exp.task.name}", disable=not self.progress,
                    leave=False)
@@ -449,10 +461,10 @@ class Trainer:
                                      "loss": mean, "lr": lr})
                 bar.set_postfix(loss=f"{mean:.4f}")
             self._call("after_training_epoch")
-            if self.eval_every and (epoch + 1) % self.eval_every == 0:
+            last = epoch + 1 == self.train_epochs  # fit evaluates after the task anyway
+            if self.eval_every and (epoch + 1) % self.eval_every == 0 and not last:
                 self.evaluate()
         bar.close()
-        self._stop = False
         self._call("after_training_exp")
         self._call("after_training")
         self.is_training = False
