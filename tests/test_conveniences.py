@@ -233,7 +233,7 @@ def test_each_point_is_on_disk_when_written_and_mid_task_evaluations_are_skipped
     live.after_eval(trainer)
     assert _scalars(tmp_path)["eval/recall@1/b"] == [(0, pytest.approx(0.2))]  # writer open
     live.before_training_exp(trainer)
-    trainer.history.append({"task": 0, "epoch": 0, "loss": 3.0})
+    trainer.history.append({"task": 0, "epoch": 0, "loss": 3.0, "lr": 0.5})
     live.after_training_epoch(trainer)
     assert _scalars(tmp_path)["train/loss/a"] == [(0, 3.0)]
     assert _scalars(tmp_path)["train/lr/a"] == [(0, 0.5)]
@@ -308,6 +308,24 @@ def _check_run_events(out: Path) -> None:
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     assert "config/text_summary" in events.Tags()["tensors"]
+    _check_hparams(events, metrics)
+
+
+def _check_hparams(events: object, metrics: dict) -> None:
+    """The HParams table's session: the config's scalars by dotted key, and its metrics."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["train.lr"].number_value == _f32(0.001)
+    assert start.hparams["train.scheduler.name"].string_value == "none"
+    assert start.hparams["strategies"].string_value == "[finetune]"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    tags = {m.name.tag for m in experiment.metric_infos}
+    assert "summary/recall@1/acc" in tags and len(tags) == sum(
+        v is not None for values in metrics["summary"].values() for v in values.values())
 
 
 def test_a_run_writes_tensorboard_while_it_trains(compared: tuple[Path, str]) -> None:

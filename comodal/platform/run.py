@@ -207,7 +207,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
                       extra={"history": trainer.history, "seconds": round(seconds, 2),
                              "strategies": reports, "test_sizes": trainer.test_sizes,
                              "pooled_acc": [m for m in POOLED if m in matrices]})
-            write_tensorboard(out / "tb", summary)
+            write_tensorboard(out / "tb", summary, to_dict(config))
     return RunResult(scenario.task_names, matrices, summary, out, seconds)
 
 
@@ -228,15 +228,36 @@ def _fit(trainer: Trainer, scenario: Any, out: Path | None,
                             f"({scenario.task_names[done]})") from err
 
 
-def write_tensorboard(logdir: Path, summary: dict[str, dict[str, float]]) -> None:
-    """The summaries (``summary/<metric>/<key>`` at step 0) in an event file of their own,
-    replacing the one a resumed run wrote before; ``LiveTensorBoard`` wrote the rest."""
+def write_tensorboard(logdir: Path, summary: dict[str, dict[str, float]],
+                      config: dict[str, Any]) -> None:
+    """The summaries (``summary/<metric>/<key>`` at step 0) and the run's hyperparameters
+    (every scalar of the resolved config by dotted key, for TensorBoard's HParams table) in
+    an event file of their own, replacing the one a resumed run wrote before;
+    ``LiveTensorBoard`` wrote the rest."""
     from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
 
     for old in Path(logdir).glob("events.out.tfevents.*.summary"):
         old.unlink()
+    scores = {f"summary/{metric}/{key}": value for metric, values in summary.items()
+              for key, value in values.items() if value == value}
     with SummaryWriter(str(logdir), filename_suffix=".summary") as writer:
-        for metric, values in summary.items():
-            for key, value in values.items():
-                if value == value:
-                    writer.add_scalar(f"summary/{metric}/{key}", value, 0)
+        for tag, value in scores.items():
+            writer.add_scalar(tag, value, 0)
+        for part in hparams(flat_scalars(config), scores):
+            writer.file_writer.add_summary(part)
+
+
+def flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config's leaves by dotted key: numbers, strings and booleans as they are,
+    lists and empty mappings as their YAML text, ``None`` as ``null``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flat_scalars(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = yaml.safe_dump(value, default_flow_style=True).strip()
+    return flat
