@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # raised with what is kept and how to continue
         print("comodal: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (`comodal list | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

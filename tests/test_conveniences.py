@@ -343,3 +343,4 @@ def test_a_resumed_run_writes_no_step_twice(compared: tuple[Path, str], tmp_path
     _check_run_events(out)
     parts = sorted(p.name.rsplit(".", 1)[1] for p in (out / "tb").iterdir())
     assert parts == ["part0", "part1", "part2", "summary"]
+

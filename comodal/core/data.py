@@ -1,4 +1,5 @@
-"""Column-stored multimodal datasets and a batch loader over them.
+"""Column-stored multimodal datasets, the batches made of them (``Batch``, what Avalanche's
+plugins read as the input ``x``) and the loaders over them.
 
 A sample is a dict: modality name -> raw value (audio: ``(waveform, sample_rate)``, text: str,
 vision: image tensor) or a precomputed feature vector, plus ``label`` and metadata. Storing

@@ -375,6 +375,7 @@ class Trainer:
                 if task.kind not in kinds:
                     raise ConfigError(f"strategy {plugin.name}: works on {' and '.join(kinds)} "
                                       f"tasks, but task {task.name!r} is a {task.kind} task")
+        check_plugins(self.plugins, scenario, self.evaluator, self.train_cfg, self.eval_cfg)
         torch.manual_seed(self.seed)
         self.scenario = self.prepare(scenario)
         self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
@@ -384,8 +385,6 @@ class Trainer:
             collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
         )
         self.current_eval_stream = list(self.benchmark.test_stream)
-        check_plugins(self.plugins, self.scenario, self.evaluator, self.train_cfg,
-                      self.eval_cfg)
 
     def _content_groups(self, raw: Task, task: Task) -> tuple[torch.Tensor, ...] | None:
         """A pair task's ``content_ids`` of its test rows per modality, so that retrieval

@@ -14,11 +14,15 @@ class NoOptions:
 
 
 class Strategy(SupervisedPlugin):
-    """A continual-learning strategy: overrides only the callbacks it needs."""
+    """A continual-learning strategy: overrides only the callbacks it needs. It may also
+    define ``train_tasks(trainer)`` (the tasks whose data a task trains on, as ``joint``) or
+    ``wrap_loader(trainer, loader)`` (``er``); the trainer calls those when it builds a
+    task's loader."""
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
     kinds: ClassVar[tuple[str, ...]] = ("pair", "classify")  # task kinds it works on
+    uses_teacher: ClassVar[bool] = False  # True: the trainer keeps ``teacher`` for it
 
     def __init__(self, config: object | None = None) -> None:
         super().__init__()
