@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import re
 import warnings
 from pathlib import Path
@@ -303,3 +304,23 @@ def test_readme_plugin_example_runs(tmp_path, monkeypatch) -> None:  # noqa: ANN
     assert namespace["evaluator"].get_last_metrics()
     assert list((tmp_path / "runs" / "avalanche-tb").glob("events.out.tfevents.*"))
     assert (namespace["matrices"]["recall@1"][1:].diagonal() > 0.5).all()
+
+
+class FlatLogits(SupervisedPlugin):
+    """Replaces the step's output, as Avalanche plugins may in after_forward: zero logits."""
+
+    def after_forward(self, strategy, **kwargs) -> None:  # noqa: ANN001
+        strategy.mb_output = strategy.mb_output * 0.0
+
+
+def test_a_replaced_mb_output_is_what_the_step_trains_on(ci_config: RunConfig) -> None:
+    trainer = build_trainer(ci_config, [FlatLogits()])
+    initial = weights(trainer)
+    trainer.fit(build_scenario(ci_config))
+    # zero logits over the 4, then 8, classes seen: the loss is log(classes), no gradient moves
+    # a weight (the classifier's rows are grown, so only the others are compared)
+    classes = [4] * ci_config.train.epochs + [8] * ci_config.train.epochs
+    assert [h["loss"] for h in trainer.history] == pytest.approx(
+        [math.log(c) for c in classes], rel=1e-6)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in initial.items() if k != "class_ids")

@@ -85,7 +85,8 @@ class Trainer:
     plugin overrides are called, from lists built once here.
 
     What a plugin may read (and replace: ``model``, ``optimizer``, ``adapted_dataset``,
-    ``dataloader``, ``loss``), Avalanche's template names first: ``model``,
+    ``dataloader``, ``loss``, and in ``after_forward`` ``mb_output``, whose loss is then
+    ``_criterion(mb_output, mb_y)``), Avalanche's template names first: ``model``,
     ``optimizer``, ``experience``, ``adapted_dataset``, ``dataloader``, ``mbatch`` (a
     ``Batch``), ``mb_x``, ``mb_y``, ``mb_task_id``, ``mb_output``, ``loss``, ``_criterion``,
     ``clock``, ``evaluator``, ``is_training``, ``is_eval``, ``train_mb_size``,
@@ -138,6 +139,7 @@ class Trainer:
         self.outputs: Any = None
         self.side_outputs: list[tuple[dict[str, Any], Any]] = []
         self._mb_output: Any = None
+        self._replaced = False  # a plugin set mb_output: the step's loss is computed from it
         self.teacher: MultimodalEncoder | None = None
         self._teacher_cache: tuple[Any, Any] | None = None
         self.loss = torch.zeros(())
@@ -208,7 +210,7 @@ class Trainer:
 
     @mb_output.setter
     def mb_output(self, value: Any) -> None:
-        self._mb_output = value
+        self._mb_output, self._replaced = value, True
 
     @property
     def is_eval(self) -> bool:
@@ -532,10 +534,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = torch.zeros((), device=self.device)  # plugins may add to it from here on
         self.side_outputs, self._mb_output, self._teacher_cache = [], None, None
+        self._replaced = False
         self._call("before_forward")
         self.outputs = self.forward(self.mbatch)
         self._call("after_forward")
-        self.loss = self.loss + self.task_loss(self.mbatch, self.outputs)
+        self.loss = self.loss + (self._criterion(self._mb_output, self.mb_y) if self._replaced
+                                 else self.task_loss(self.mbatch, self.outputs))
         self._call("before_backward")
         self.loss.backward()
         self._call("after_backward")
