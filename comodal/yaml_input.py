@@ -107,18 +107,19 @@ def shown(value: Any, limit: int = 200) -> str:
 def config_diff(old: str, new: str, limit: int = 10) -> list[str]:
     """``key: old -> new`` for every dotted key whose value differs between two resolved
     configs given as YAML text (as ``identity`` writes them); at most ``limit`` lines."""
-    before, after = _flatten(yaml.safe_load(old) or {}), _flatten(yaml.safe_load(new) or {})
+    before, after = flatten(yaml.safe_load(old) or {}), flatten(yaml.safe_load(new) or {})
     lines = [f"{key}: {_show(before, key)} -> {_show(after, key)}"
              for key in sorted(before.keys() | after.keys())
              if key not in before or key not in after or before[key] != after[key]]
     return lines[:limit] + ([f"... {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping's leaves by dotted key (an empty mapping is a leaf)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

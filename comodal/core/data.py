@@ -228,7 +228,7 @@ class Batch(dict):
         return self
 
     def to(self, device: Any, non_blocking: bool = False) -> Batch:
-        moved = Batch(_to(dict(self), device), self.rows, self.kind, self.modalities,
+        moved = Batch(to_device(dict(self), device), self.rows, self.kind, self.modalities,
                       self.samples, self.collate)
         moved.parts = [(rows, part.to(device)) for rows, part in self.parts or []] or None
         return moved
@@ -245,9 +245,10 @@ class Batch(dict):
         return batches[0].collate([s for b in batches for s in b.samples])
 
 
-def _to(value: Any, device: Any) -> Any:
+def to_device(value: Any, device: Any) -> Any:
+    """``value``'s tensors on ``device``, through nested dicts (a batch's columns)."""
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value

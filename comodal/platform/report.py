@@ -29,12 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from comodal.config import from_dict  # noqa: E402
+from comodal.core.files import atomic_write_text  # noqa: E402
 from comodal.errors import DataError  # noqa: E402
-from comodal.platform.results import (  # noqa: E402
-    atomic_write_text,
-    check_same_format,
-    read_run,
-)
+from comodal.platform.results import check_same_format, read_run  # noqa: E402
 from comodal.yaml_input import read_yaml  # noqa: E402
 
 SUMMARIES = [("Acc", "acc", True), ("Avg inc Acc", "avg_inc_acc", True), ("BWT", "bwt", True),

@@ -26,6 +26,7 @@ import yaml
 
 from comodal.build import build_plugins, check, check_resume
 from comodal.config import RunConfig, to_dict
+from comodal.core.files import atomic_write_text
 from comodal.errors import ConfigError, DataError, TrainingError
 from comodal.platform import checkpoint
 from comodal.platform.feature_cache import FeatureCache
@@ -33,10 +34,11 @@ from comodal.platform.live_log import LiveTensorBoard
 from comodal.platform.metrics import POOLED, summaries
 from comodal.platform.modalities import build_modalities
 from comodal.platform.model import MultimodalEncoder
-from comodal.platform.results import RESULTS_FORMAT, atomic_write_text, write_run
+from comodal.platform.results import RESULTS_FORMAT, write_run
 from comodal.platform.trainer import Trainer
 from comodal.scenarios.registry import build_scenario
 from comodal.strategies.registry import build_strategies
+from comodal.yaml_input import flatten
 
 HEADLINE = ("recall@1", "recall@5", "recall@10", "zeroshot", "accuracy")
 MARKER, LOCK, FORMAT = ".comodal-run", ".comodal-lock", 1
@@ -244,20 +246,9 @@ def write_tensorboard(logdir: Path, summary: dict[str, dict[str, float]],
     with SummaryWriter(str(logdir), filename_suffix=".summary") as writer:
         for tag, value in scores.items():
             writer.add_scalar(tag, value, 0)
-        for part in hparams(flat_scalars(config), scores):
+        # numbers, strings and booleans as they are; lists, {} and null as their YAML text
+        values = {key: value if isinstance(value, (bool, int, float, str))
+                  else yaml.safe_dump(value, default_flow_style=True).strip()
+                  for key, value in flatten(config).items()}
+        for part in hparams(values, scores):
             writer.file_writer.add_summary(part)
-
-
-def flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config's leaves by dotted key: numbers, strings and booleans as they are,
-    lists and empty mappings as their YAML text, ``None`` as ``null``."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flat_scalars(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = yaml.safe_dump(value, default_flow_style=True).strip()
-    return flat

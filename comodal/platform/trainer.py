@@ -28,6 +28,7 @@ from comodal.core.data import (
     MultimodalDataset,
     concat,
     non_finite_rows,
+    to_device,
 )
 from comodal.errors import ConfigError, TrainingError
 from comodal.platform import checkpoint
@@ -333,15 +334,11 @@ class Trainer:
             self.model.train(was_training)
 
     def to_device(self, batch: Any) -> Any:
+        """``batch`` (a ``Batch``, a batch dict or a tensor) on the trainer's device."""
         if self.device.type == "cpu":  # data is built on the CPU: nothing to move
             return batch
-        if isinstance(batch, Batch):
-            return batch.to(self.device)
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=True)
-        if isinstance(batch, dict):
-            return {k: self.to_device(v) for k, v in batch.items()}
-        return batch
+        return batch.to(self.device) if isinstance(batch, Batch) else to_device(batch,
+                                                                                 self.device)
 
     # ----------------------------------------------------------------- training
     def fit(self, scenario: Scenario, checkpoints: Path | None = None,
@@ -478,7 +475,7 @@ class Trainer:
         if not isinstance(batch, Batch):
             task = self.scenario.tasks[batch["task_id"]]
             batch = Batch(batch, len(batch["index"]), task.kind, task.modalities)
-        return batch if self.device.type == "cpu" else batch.to(self.device)
+        return self.to_device(batch)
 
     def epoch_loss(self, losses: torch.Tensor, epoch: int) -> float:
         """Mean of an epoch's step losses; a non-finite one stops training with a
