@@ -337,3 +337,30 @@ def test_a_class_balanced_buffer_on_unlabelled_pairs_fails_before_training(tmp_p
     with pytest.raises(ConfigError, match="task 'unlabelled' has no labels"):
         trainer.fit(Scenario([Task("unlabelled", ("a", "b"), rows(0), rows(1))]))
     assert trainer.history == []
+
+
+def test_stacked_distillers_share_one_teacher_forward_per_step(
+        tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from comodal.platform.trainer import Trainer
+
+    config = class_incremental(tiny)
+    config["train"]["epochs"] = 1
+    config["strategies"] = ["coconut", "kd"]
+    loaded = load_dict(config, tmp_path)
+    trainer = build_trainer(loaded)
+    events: list[str] = []
+    forward = Trainer.forward
+
+    def counted(self: Trainer, batch: dict, model: object = None) -> object:
+        if model is not None and model is self.teacher:
+            events.append("teacher")
+        return forward(self, batch, model)
+
+    monkeypatch.setattr(Trainer, "forward", counted)
+    step = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step",
+                        lambda self: (events.append("step"), step(self))[1])
+    trainer.fit(build_scenario(loaded))
+    per_step = [sum(1 for e in chunk.split() if e == "teacher")
+                for chunk in " ".join(events).split("step")[1:]]
+    assert max(per_step) == 1 and sum(per_step) > 0  # coconut's NSPT and kd read one forward
