@@ -25,8 +25,8 @@ class LiveTensorBoard(SupervisedPlugin):
     after every evaluation between tasks at step = tasks trained so far; flushed at each write.
 
     It reads the trainer's ``experience_index``, ``history`` (its last entry after each epoch:
-    ``task``, ``loss``), ``optimizer.param_groups[0]["lr"]`` and ``last_eval`` (one dict of
-    metric -> value per task, set before ``after_eval``). Evaluations during a task
+    ``task``, ``loss``, ``lr``, the learning rate of the epoch's first step) and ``last_eval``
+    (one dict of metric -> value per task, set before ``after_eval``). Evaluations during a task
     (``eval.every_epochs``) are not written."""
 
     def __init__(self, logdir: str | Path, task_names: Sequence[str],
