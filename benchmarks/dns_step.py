@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _options import add_output_options, parse_with_outputs  # beside this script
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
 from comodal.core.data import MultimodalDataset
@@ -399,18 +400,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=11, help="calls per projection timing")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON results path (default benchmarks/results/dns_step.json)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny settings, to check that the script runs (seconds; the numbers "
-                        "mean nothing); writes only to --out")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.cases, args.n, args.rounds, args.batch_size = [(16, 4)], 128, 1, 32
-        args.proj_dims, args.reps = [16], 1
-    elif args.out is None:
-        args.out = RESULTS
-    return args
+    add_output_options(p, RESULTS)
+    return parse_with_outputs(p, argv, RESULTS, {"cases": [(16, 4)], "n": 128, "rounds": 1,
+                                                 "batch_size": 32, "proj_dims": [16],
+                                                 "reps": 1})
 
 
 def machine(load_before: float) -> dict[str, Any]:

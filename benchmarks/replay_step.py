@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _options import add_output_options, parse_with_outputs  # beside this script
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig, from_dict
 from comodal.core.data import MultimodalDataset
@@ -97,16 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=4000, help="training rows per task")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON results path (default benchmarks/results/replay_step.json)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny settings, to check that the script runs (seconds; the numbers "
-                        "mean nothing); writes only to --out")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.dim, args.n, args.rounds, args.batch_size = 16, 200, 1, 32
-    elif args.out is None:
-        args.out = RESULTS
+    add_output_options(p, RESULTS)
+    args = parse_with_outputs(p, argv, RESULTS,
+                              {"dim": 16, "n": 200, "rounds": 1, "batch_size": 32})
     g = torch.Generator().manual_seed(0)
     scenario = Scenario([make_task(i, args.n, args.dim, g) for i in range(2)])
     base = MultimodalEncoder({"audio": args.dim, "text": args.dim}, joint_dim=args.dim)

@@ -43,6 +43,8 @@ with warnings.catch_warnings():
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 
+from _options import add_output_options, parse_with_outputs  # beside this script
+
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
 from comodal.core.data import BatchLoader, MultimodalDataset
 from comodal.platform.feature_cache import FeatureCache
@@ -317,17 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own, one per core)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="JSON results path (default "
-                   "benchmarks/results/trainer_overhead.json)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny settings, to check that the script runs (seconds; the numbers "
-                        "mean nothing); writes only to --out")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.heads, args.n, args.rounds, args.batch_size = 16, 128, 1, 32
-    elif args.out is None:
-        args.out = RESULTS
-    return args
+    add_output_options(p, RESULTS)
+    return parse_with_outputs(p, argv, RESULTS,
+                              {"heads": 16, "n": 128, "rounds": 1, "batch_size": 32})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

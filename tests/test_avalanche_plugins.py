@@ -324,3 +324,16 @@ def test_a_replaced_mb_output_is_what_the_step_trains_on(ci_config: RunConfig) -
         [math.log(c) for c in classes], rel=1e-6)
     after = trainer.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in initial.items() if k != "class_ids")
+
+
+def test_periodic_evaluation_runs_after_every_epoch_but_a_tasks_last(
+    pair_config: RunConfig,
+) -> None:
+    config = copy.deepcopy(pair_config)
+    config.eval.every_epochs = 1
+    evaluator = EvaluationPlugin(loss_metrics(stream=True), loggers=[])
+    fit(config, evaluator)
+    (losses,) = [v[1] for k, v in evaluator.get_all_metrics().items()
+                 if k.startswith("Loss_Stream/eval_phase/test_stream")]
+    # before training; then per task of 2 epochs: after epoch 1, and after the task
+    assert len(losses) == 1 + 2 * 2

@@ -69,7 +69,7 @@ class PairExperience(DatasetExperience):
         self.future_classes = sorted({c for c in sum(classes[i + 1:], [])})
 
 
-def class_rows(tasks: Sequence[Task]) -> dict[int, int]:
+def arrival_rows(tasks: Sequence[Task]) -> dict[int, int]:
     """Each class id's classifier row: classes numbered in the order tasks bring them."""
     arrival = dict.fromkeys(c for t in tasks if t.kind == "classify" for c in t.classes or [])
     return {c: row for row, c in enumerate(arrival)}
@@ -107,7 +107,7 @@ def collate_items(items: list[list[Any]], collate_fn: Collate,
 def pair_benchmark(tasks: Sequence[Task], collate_fn: Collate) -> CLScenario:
     """One experience per task in ``train_stream`` and ``test_stream``; ``collate_fn`` turns
     a list of sample dicts into a batch dict (``comodal.platform.modalities.collate_samples``)."""
-    rows = class_rows(tasks)
+    rows = arrival_rows(tasks)
     classes = [sorted(rows[c] for c in t.classes) if t.kind == "classify" else [i]
                for i, t in enumerate(tasks)]
     collate = functools.partial(collate_items, collate_fn=collate_fn, tasks=tasks)
