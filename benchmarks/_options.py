@@ -1,5 +1,6 @@
 """The options every benchmark script takes besides its own settings: ``--out`` (where the
-JSON results go) and ``--smoke`` (tiny settings that only check the script still runs)."""
+JSON results go) and ``--smoke`` (tiny settings that only check the script still runs); and
+``--device`` for the scripts that can run on CUDA (``trainer_overhead.py``, ``dns_step.py``)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,26 @@ def parse_with_outputs(parser: argparse.ArgumentParser, argv: list[str] | None,
     elif args.out is None:
         args.out = results
     return args
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda[:N] or auto (CUDA when available); default cpu")
+
+
+def synchronize(device: Any) -> None:
+    """Wait for the device's queued work, so that a clock read after it counts that work."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_info(device: Any) -> dict[str, Any]:
+    """The device the numbers were measured on, for a report's ``machine``."""
+    import torch
+
+    info: dict[str, Any] = {"device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -26,6 +26,10 @@ dense form without precomputed projectors (what DNS runs when ``auto`` picks den
 asserts that the dense and low-rank results agree to 1e-5 and asserts nothing about time.
 
     .venv/bin/python benchmarks/dns_step.py [--cases 384:48 1024:128 1024:32] [--rounds 9]
+        [--device cpu|cuda|auto]
+
+On CUDA the data stays on the host (the Trainer moves each batch), the model and the
+projection's matrices live on the device, and every clock reading waits for the device first.
 """
 
 from __future__ import annotations
@@ -47,13 +51,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _options import add_output_options, parse_with_outputs  # beside this script
+from _options import (  # beside this script
+    add_device_option,
+    add_output_options,
+    device_info,
+    parse_with_outputs,
+    synchronize,
+)
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
 from comodal.core.data import MultimodalDataset
 from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.modalities import Modality
 from comodal.platform.model import MultimodalEncoder
+from comodal.platform.precision import resolve_device
 from comodal.platform.trainer import Trainer
 from comodal.scenarios.task import Scenario, Task
 from comodal.strategies.dns import DNS, DNSConfig
@@ -64,6 +75,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "dns_step.json"
 PAIR = ("vision", "text")
 RANKS = (16, 64, 128, 256, 512, 1024)
 TOLERANCE = 1e-5
+CPU = torch.device("cpu")
 NOISE = 1e-3  # std of the isotropic floor: eigenvalue 1e-6, top eigenvalue about 1.25
 THRESHOLDS = {"input_rule": "relative", "input_threshold": 1e-4,
               "output_rule": "relative", "output_threshold": 1e-4}
@@ -170,6 +182,7 @@ class Runner:
         gc.collect()
         start = time.perf_counter()
         self.trainer.train_experience(self.trainer.benchmark.train_stream[task])
+        synchronize(self.trainer.device)
         record = {"total_s": time.perf_counter() - start, **self.plugin.clock,
                   "loss": self.trainer.history[-1]["loss"],
                   "steps": len(self.trainer.dataloader)}
@@ -186,7 +199,8 @@ def make_runner(name: str, plugin: Stamps, base: MultimodalEncoder, scenario: Sc
     modalities = {m: Modality(m, ModalityConfig(encoder="features", dim=d)) for m in PAIR}
     trainer = Trainer(copy.deepcopy(base), modalities, FeatureCache(cache_dir, progress=False),
                       TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr),
-                      EvalConfig(), plugins=[plugin], seed=args.seed, progress=False)
+                      EvalConfig(), plugins=[plugin], seed=args.seed, device=str(args.device),
+                      progress=False)
     trainer.setup(scenario)
     trainer.train_epochs = 1
     return Runner(name, trainer, plugin)
@@ -195,7 +209,7 @@ def make_runner(name: str, plugin: Stamps, base: MultimodalEncoder, scenario: Sc
 def make_runners(d: int, scenario: Scenario, cache_dir: str,
                  args: argparse.Namespace) -> list[Runner]:
     """finetune, dns-grad and dns-update on copies of one model."""
-    base = MultimodalEncoder(in_dims=dict.fromkeys(PAIR, d), joint_dim=d)
+    base = MultimodalEncoder(in_dims=dict.fromkeys(PAIR, d), joint_dim=d).to(args.device)
     plugins: dict[str, Stamps] = {"finetune": TimedFinetune()}
     for mode in ("grad", "update"):
         plugins[f"dns-{mode}"] = TimedDNS(DNSConfig(mode=mode, **THRESHOLDS))
@@ -312,29 +326,34 @@ def orthonormal(d: int, k: int, g: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(d, k, generator=g))[0]
 
 
-def median_times(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+def median_times(fns: dict[str, Callable[[], Any]], reps: int,
+                 device: torch.device = CPU) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved rep by rep."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm-up
     for _ in range(reps):
         for name, fn in fns.items():
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def projection_row(d: int, k: int, reps: int, g: torch.Generator) -> dict[str, Any]:
+def projection_row(d: int, k: int, reps: int, g: torch.Generator,
+                   device: torch.device = CPU) -> dict[str, Any]:
     """Dense (cached and uncached projectors) vs low-rank ``project_dual`` at rank k."""
-    grad, u, v = torch.randn(d, d, generator=g), orthonormal(d, k, g), orthonormal(d, k, g)
+    grad, u, v = (t.to(device) for t in (torch.randn(d, d, generator=g), orthonormal(d, k, g),
+                                         orthonormal(d, k, g)))
     cached = (v @ v.T, u @ u.T)
     gap = float((project_dual(grad, u, v, "dense", dense=cached)
                  - project_dual(grad, u, v, "lowrank")).abs().max())
     assert gap <= TOLERANCE, f"d={d} k={k}: dense and low-rank differ by {gap:.2e}"
     t = median_times({"dense": lambda: project_dual(grad, u, v, "dense", dense=cached),
                       "lowrank": lambda: project_dual(grad, u, v, "lowrank"),
-                      "dense_uncached": lambda: project_dual(grad, u, v, "dense")}, reps)
+                      "dense_uncached": lambda: project_dual(grad, u, v, "dense")}, reps, device)
     flops = dual_flops(d, d, k, k)
     return {"d": d, "k": k, "dense_ms": 1e3 * t["dense"], "lowrank_ms": 1e3 * t["lowrank"],
             "dense_uncached_ms": 1e3 * t["dense_uncached"],
@@ -343,11 +362,12 @@ def projection_row(d: int, k: int, reps: int, g: torch.Generator) -> dict[str, A
             "max_abs_gap": gap}
 
 
-def projection_bench(d: int, reps: int, seed: int) -> list[dict[str, Any]]:
+def projection_bench(d: int, reps: int, seed: int,
+                     device: torch.device = CPU) -> list[dict[str, Any]]:
     """All ranks of ``RANKS`` below d, plus d / 4 and d itself."""
     g = torch.Generator().manual_seed(seed)
     ranks = sorted({k for k in RANKS if k < d} | {d // 4, d})
-    rows = [projection_row(d, k, reps, g) for k in ranks]
+    rows = [projection_row(d, k, reps, g, device) for k in ranks]
     print(f"\nproject_dual at d = {d} (k_in = k_out = k; median of {reps} calls; "
           f"dense and low-rank agree to {TOLERANCE:g})")
     head = ("k", "dense ms", "lowrank ms", "speed-up", "flop ratio", "dense-uncached", "auto")
@@ -400,32 +420,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=11, help="calls per projection timing")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
+    add_device_option(p)
     add_output_options(p, RESULTS)
     return parse_with_outputs(p, argv, RESULTS, {"cases": [(16, 4)], "n": 128, "rounds": 1,
                                                  "batch_size": 32, "proj_dims": [16],
                                                  "reps": 1})
 
 
-def machine(load_before: float) -> dict[str, Any]:
+def machine(load_before: float, device: torch.device = CPU) -> dict[str, Any]:
     """What the numbers were measured on."""
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__,
-            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]}
+            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
+            **device_info(device)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run both parts, print the tables and write the JSON."""
     args = parse_args(argv)
+    args.device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before, start = os.getloadavg()[0], time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; n={args.n} per task, "
-          f"batch {args.batch_size}, {args.rounds} rounds; DNS thresholds {THRESHOLDS}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, on {args.device}; "
+          f"n={args.n} per task, batch {args.batch_size}, {args.rounds} rounds; "
+          f"DNS thresholds {THRESHOLDS}")
     cases = [trainer_case(d, r, args) for d, r in args.cases]
-    proj = {d: projection_bench(d, args.reps, args.seed) for d in args.proj_dims}
+    proj = {d: projection_bench(d, args.reps, args.seed, args.device) for d in args.proj_dims}
     report = {"benchmark": "dns_step", "date": datetime.date.today().isoformat(),
-              "machine": machine(load_before),
+              "machine": machine(load_before, args.device),
               "config": {"n": args.n, "batch_size": args.batch_size, "lr": args.lr,
                          "rounds": args.rounds, "seed": args.seed, "noise_std": NOISE,
                          "dns": THRESHOLDS, "cases": args.cases},

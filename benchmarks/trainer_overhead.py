@@ -14,6 +14,10 @@ runners see the same batches and end every epoch with the same loss and weights,
 compare the same arithmetic. It asserts nothing about time.
 
     .venv/bin/python benchmarks/trainer_overhead.py [--heads 384] [--rounds 21] [--threads N]
+        [--device cpu|cuda|auto]
+
+On CUDA every runner keeps the data on the host and moves each batch to the device, as the
+Trainer does; each epoch ends by reading its mean loss, which waits for the device's work.
 """
 
 from __future__ import annotations
@@ -43,7 +47,12 @@ with warnings.catch_warnings():
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 
-from _options import add_output_options, parse_with_outputs  # beside this script
+from _options import (  # beside this script
+    add_device_option,
+    add_output_options,
+    device_info,
+    parse_with_outputs,
+)
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
 from comodal.core.data import BatchLoader, MultimodalDataset
@@ -51,6 +60,7 @@ from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.losses import InfoNCE
 from comodal.platform.modalities import Modality
 from comodal.platform.model import MultimodalEncoder
+from comodal.platform.precision import resolve_device
 from comodal.platform.trainer import Trainer
 from comodal.scenarios.task import Scenario, Task
 from comodal.strategies.finetune import Finetune
@@ -58,6 +68,7 @@ from comodal.strategies.finetune import Finetune
 RESULTS = Path(__file__).resolve().parent / "results" / "trainer_overhead.json"
 PAIR = ("vision", "text")
 TOLERANCE = 1e-5
+CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- data
@@ -89,8 +100,9 @@ class PlainLoop:
     name = "plain"
 
     def __init__(self, model: MultimodalEncoder, vision: torch.Tensor, text: torch.Tensor,
-                 batch_size: int, lr: float, seed: int) -> None:
-        self.model, self.vision, self.text = model, vision, text
+                 batch_size: int, lr: float, seed: int,
+                 device: torch.device = CPU) -> None:
+        self.model, self.vision, self.text, self.device = model, vision, text, device
         self.batch_size, self.lr = batch_size, lr
         self.generator = torch.Generator().manual_seed(seed)
         self.criterion = InfoNCE()
@@ -109,10 +121,11 @@ class PlainLoop:
         model = self.model
         model.train()
         optimizer = fresh_adamw(model, self.lr)  # Trainer.train_experience does the same
-        running, steps = torch.zeros(()), 0
+        running, steps = torch.zeros((), device=self.device), 0
         order = torch.randperm(len(self.vision), generator=self.generator)
         for idx in order.split(self.batch_size):
-            batch = {"vision": self.vision[idx], "text": self.text[idx]}
+            batch = {"vision": self.vision[idx].to(self.device),
+                     "text": self.text[idx].to(self.device)}
             optimizer.zero_grad(set_to_none=True)
             za = model.encode(batch, "vision")
             zb = model.encode(batch, "text")
@@ -130,13 +143,14 @@ class TrainerRunner:
     name = "trainer"
 
     def __init__(self, model: MultimodalEncoder, scenario: Scenario, cache_dir: str,
-                 batch_size: int, lr: float, seed: int) -> None:
+                 batch_size: int, lr: float, seed: int,
+                 device: torch.device = CPU) -> None:
         dim = model.heads["vision"].in_features
         modalities = {m: Modality(m, ModalityConfig(encoder="features", dim=dim)) for m in PAIR}
         self.trainer = Trainer(
             model, modalities, FeatureCache(cache_dir, progress=False),
             TrainConfig(epochs=1, batch_size=batch_size, lr=lr), EvalConfig(),
-            plugins=[Finetune()], seed=seed, progress=False,
+            plugins=[Finetune()], seed=seed, device=str(device), progress=False,
         )
         self.trainer.setup(scenario)
         self.trainer.train_epochs = 1
@@ -211,8 +225,8 @@ class AvalancheRunner:
     name = "avalanche"
 
     def __init__(self, model: MultimodalEncoder, data: MultimodalDataset, batch_size: int,
-                 lr: float, seed: int) -> None:
-        self.model, self.lr, self.batch_size = model, lr, batch_size
+                 lr: float, seed: int, device: torch.device = CPU) -> None:
+        self.model, self.lr, self.batch_size, self.device = model, lr, batch_size, device
         self.dataset = make_avalanche_dataset(data, collate_fn=stack_dicts)
         self.generator = torch.Generator().manual_seed(seed)
         with warnings.catch_warnings():
@@ -221,7 +235,7 @@ class AvalancheRunner:
         self.strategy = DictNaive(
             model=model, optimizer=fresh_adamw(model, lr), criterion=InfoNCE(),
             train_mb_size=batch_size, train_epochs=1, eval_mb_size=batch_size,
-            device="cpu", evaluator=evaluator,
+            device=device, evaluator=evaluator,
         )
         self.experience: DatasetExperience | None = None
 
@@ -241,7 +255,7 @@ class AvalancheRunner:
         """One epoch (``train`` on the prepared experience); returns the mean training loss."""
         s = self.strategy
         s.optimizer = fresh_adamw(self.model, self.lr)  # as the other two runners do
-        s.running, s.steps = torch.zeros(()), 0
+        s.running, s.steps = torch.zeros((), device=self.device), 0
         s.train(self.experience, eval_streams=[], shuffle=False)
         return (s.running / s.steps).item()
 
@@ -319,6 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own, one per core)")
     p.add_argument("--seed", type=int, default=0)
+    add_device_option(p)
     add_output_options(p, RESULTS)
     return parse_with_outputs(p, argv, RESULTS,
                               {"heads": 16, "n": 128, "rounds": 1, "batch_size": 32})
@@ -330,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     d, n, bs = args.heads, args.n, args.batch_size
+    device = resolve_device(args.device)
     vision, text = make_pairs(n + 512, d, args.seed)
     full = MultimodalDataset(name="bench-pairs", fingerprint=f"bench-pairs:{n}:{d}:{args.seed}",
                              columns={"vision": vision, "text": text})
@@ -337,14 +353,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test = full.subset(range(n, n + 512), name="bench-test")
     scenario = Scenario([Task("vision-text", PAIR, train, test)])
 
-    base = MultimodalEncoder(in_dims=dict.fromkeys(PAIR, d), joint_dim=d)
+    base = MultimodalEncoder(in_dims=dict.fromkeys(PAIR, d), joint_dim=d).to(device)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as cache_dir:
         runners = [
             PlainLoop(copy.deepcopy(base), train.columns["vision"], train.columns["text"],
-                      bs, args.lr, args.seed),
-            TrainerRunner(copy.deepcopy(base), scenario, cache_dir, bs, args.lr, args.seed),
-            AvalancheRunner(copy.deepcopy(base), train, bs, args.lr, args.seed),
+                      bs, args.lr, args.seed, device),
+            TrainerRunner(copy.deepcopy(base), scenario, cache_dir, bs, args.lr, args.seed,
+                          device),
+            AvalancheRunner(copy.deepcopy(base), train, bs, args.lr, args.seed, device),
         ]
         plain, trainer, avalanche = runners
 
@@ -379,6 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
+            **device_info(device),
         },
         "config": {"n": n, "dim": d, "batch_size": bs, "steps_per_epoch": -(-n // bs),
                    "lr": args.lr, "rounds": args.rounds, "seed": args.seed},
@@ -386,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "epoch_mean_loss": [ls["plain"] for ls in losses],
     }
     print(f"n={n} d={d} batch={bs} ({report['config']['steps_per_epoch']} steps/epoch), "
-          f"{args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"on {device}")
     print(f"epoch-mean loss: {losses[0]['plain']:.4f} (warm-up) -> {losses[-1]['plain']:.4f}; "
           "all runners agree on every epoch's loss and weights")
     print_table(report["runners"])

@@ -39,7 +39,21 @@ def _parser() -> argparse.ArgumentParser:
                            "finetune,er,er+relation_kd")
     comp.add_argument("--seeds", type=int, default=3, help="seeds per entry (default 3), "
                                                             "from the config's seed on")
-    comp.add_argument("--workers", type=int, default=1, help="runs at once (default 1)")
+    comp.add_argument("--workers", type=int, default=None, metavar="K",
+                      help="local executor: runs at once (default 1)")
+    comp.add_argument("--executor", choices=("local", "ray"), default="local",
+                      help="local: runs in this machine's processes (default); ray: each run "
+                           "a Ray task, on a local Ray instance or the cluster at --address "
+                           "(needs pip install -e '.[ray]'; --out must then be on a "
+                           "filesystem every Ray node sees at the same path)")
+    comp.add_argument("--address", default=None,
+                      help="ray executor: address of a running Ray cluster, e.g. "
+                           "HEAD_IP:6379 from ray start --head (default: RAY_ADDRESS, else a "
+                           "new local instance)")
+    comp.add_argument("--cpus-per-run", type=int, default=None, metavar="N",
+                      help="ray executor: CPUs (and torch threads) of each run (default 1)")
+    comp.add_argument("--gpus-per-run", type=float, default=None, metavar="G",
+                      help="ray executor: GPUs of each run, fractions share one (default 0)")
     comp.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field, e.g. train.epochs=5")
     comp.add_argument("--out", help="comparison directory (default runs/<config name>-compare)")
@@ -135,6 +149,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config.out = args.out
     if config.out is None:
         config.out = str(Path("runs") / Path(args.config).stem / "-".join(config.strategies))
+    from comodal.platform import distributed
     from comodal.platform.metrics import POOLED
     from comodal.platform.results import format_matrix, format_summaries
     from comodal.platform.run import HEADLINE, run
@@ -145,6 +160,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(f"the checkpoints of the finished tasks are kept in "
                                 f"{config.out}/checkpoints; add --resume to the same command "
                                 "to continue") from None
+    world = distributed.current()
+    if world is not None and not world.main:
+        return 0  # rank 0 reports
     print(f"\nrun directory: {result.out}  ({result.seconds:.1f} s)")
     for metric in HEADLINE:
         if metric in result.matrices:
@@ -189,13 +207,48 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_executor(args: argparse.Namespace) -> None:
+    """Each option of ``compare`` belongs to one executor; fill in the defaults, refuse the
+    rest, and for Ray check that it is installed, all before anything is planned."""
+    ray_only = {"--address": args.address, "--cpus-per-run": args.cpus_per_run,
+                "--gpus-per-run": args.gpus_per_run}
+    if args.executor == "local":
+        given = [name for name, value in ray_only.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: only with --executor ray (the local executor runs "
+                              "--workers runs at once on this machine's CPUs)")
+        args.cpus_per_run, args.gpus_per_run = 1, 0.0  # unused
+        args.workers = 1 if args.workers is None else args.workers
+        if args.workers < 1:
+            raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+        return
+    if args.workers is not None:
+        raise ConfigError("--workers: only with --executor local; with ray, the cluster's "
+                          "resources and --cpus-per-run/--gpus-per-run decide how many runs "
+                          "train at once")
+    args.workers = 1
+    args.cpus_per_run = 1 if args.cpus_per_run is None else args.cpus_per_run
+    args.gpus_per_run = 0.0 if args.gpus_per_run is None else args.gpus_per_run
+    if args.cpus_per_run < 1:
+        raise ConfigError(f"--cpus-per-run: must be at least 1, got {args.cpus_per_run}")
+    if not args.gpus_per_run >= 0 or args.gpus_per_run == float("inf"):
+        raise ConfigError(f"--gpus-per-run: must be 0 or more, got {args.gpus_per_run:g}")
+    if args.address is not None and not args.address.strip():
+        raise ConfigError("--address: empty; give HOST:PORT of a Ray cluster's head, or leave "
+                          "it out for a local instance")
+    from comodal.platform.ray_executor import check_address, import_ray
+
+    import_ray()
+    if args.address is not None:
+        check_address(args.address)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
+    _check_executor(args)
     from comodal.core.files import atomic_write_text
     from comodal.platform.compare import execute, parse_stacks, pending, plan
 
     config = load_config(args.config, args.overrides, check=False)  # each run is checked
-    if args.workers < 1:
-        raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-compare")
     stacks = parse_stacks(args.strategies)
     runs = plan(config, stacks, args.seeds, out)
@@ -204,7 +257,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         {"config": str(args.config), "overrides": args.overrides, "strategies": stacks,
          "seeds": [r.seed for r in runs[: args.seeds]]}, indent=1))
     try:
-        execute(todo, args.workers, progress=config.progress)
+        execute(todo, args.workers, progress=config.progress, executor=args.executor,
+                address=args.address, cpus_per_run=args.cpus_per_run,
+                gpus_per_run=args.gpus_per_run)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"finished runs and the checkpoints of finished tasks are kept "
                                 f"in {out}; the same compare command continues") from None

@@ -165,6 +165,13 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     keep_optimizer: bool = False  # one optimizer, with its moments, across tasks
+    check_ranks: bool = False  # under torchrun: compare every rank's state after each task
+    # 32 | bf16 | 16-mixed (comodal.platform.precision); YAML's 32 is an int, kept as "32"
+    precision: str | int = "32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.precision, int) and not isinstance(self.precision, bool):
+            self.precision = str(self.precision)
 
 
 @dataclass
@@ -203,6 +210,7 @@ class RunConfig:
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LOSSES = ("infonce",)
 SCHEDULERS = ("none", "cosine", "step")
+PRECISIONS = ("32", "bf16", "16-mixed")  # train.precision (comodal.platform.precision)
 
 
 def _type_name(tp: Any) -> str:
@@ -428,18 +436,27 @@ def _check_scheduler(train: TrainConfig) -> None:
 
 
 def _check_device(device: str) -> None:
+    """``auto`` (CUDA when there is one, resolved when the trainer is built), ``cpu`` or an
+    available ``cuda[:N]``."""
     import torch
 
+    if device == "auto":
+        return
     try:
         parsed = torch.device(device)
     except RuntimeError as err:
-        raise ConfigError(f"device: {device!r} is not a device (for example cpu, cuda, "
+        raise ConfigError(f"device: {device!r} is not a device (for example auto, cpu, cuda, "
                           f"cuda:1)") from err
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {device!r} asked for, but no CUDA device is available "
-                          f"(use cpu)")
+                          f"(use cpu, or auto to take CUDA where there is one)")
     if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device: {device!r} is not supported (valid: cpu, cuda[:N])")
+        raise ConfigError(f"device: {device!r} is not supported (valid: auto, cpu, cuda[:N])")
+    if parsed.type == "cuda" and parsed.index is not None \
+            and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device!r} asked for, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1})")
 
 
 def validate(config: RunConfig) -> None:
@@ -450,6 +467,7 @@ def validate(config: RunConfig) -> None:
             _at_least(f"model.modalities.{name}.{key}", getattr(mod, key), 1)
     check_choice("train.optimizer", config.train.optimizer, OPTIMIZERS)
     check_choice("train.loss.name", config.train.loss.name, LOSSES)
+    check_choice("train.precision", str(config.train.precision), PRECISIONS)
     _check_numbers(config)
     _check_scheduler(config.train)  # after train.epochs and train.lr are checked
     _check_device(config.device)

@@ -10,6 +10,7 @@ import yaml
 
 from comodal.build import check
 from comodal.config import RunConfig, load_config
+from comodal.strategies.base import Strategy
 
 
 def load_dict(config: dict, directory: Path) -> RunConfig:
@@ -32,3 +33,17 @@ def class_incremental(tiny: dict) -> dict:
                                                 "modalities": ["vision", "text"],
                                                 "increments": [8]}}
     return config
+
+
+class Kill(Strategy):
+    """Stops the run when task ``at`` is about to start (a simulated kill)."""
+
+    name = "kill"
+
+    def __init__(self, at: int | None) -> None:
+        super().__init__()
+        self.at = at
+
+    def before_training_exp(self, strategy, **kwargs) -> None:  # noqa: ANN001
+        if strategy.experience_index == self.at:
+            raise KeyboardInterrupt

@@ -11,28 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import class_incremental, load_dict
+from helpers import Kill, class_incremental, load_dict
 
 from comodal.config import load_config
 from comodal.platform.run import build_trainer, identity
 from comodal.scenarios.registry import build_scenario
-from comodal.strategies.base import Strategy
 from comodal.strategies.registry import build_strategies
-
-
-class Kill(Strategy):
-    """Stops the run when task ``at`` is about to start (a simulated kill)."""
-
-    name = "kill"
-
-    def __init__(self, at: int | None) -> None:
-        super().__init__()
-        self.at = at
-
-    def before_training_exp(self, strategy, **kwargs) -> None:  # noqa: ANN001
-        if strategy.experience_index == self.at:
-            raise KeyboardInterrupt
-
 
 KEPT = {"keep_optimizer": True, "scheduler": {"name": "cosine", "warmup_epochs": 0.5}}
 

@@ -75,9 +75,10 @@ def _pairs(seed: int, n: int, rank: int | None, d: int = D) -> MultimodalDataset
 
 
 def _config(tmp_path: Path, optimizer: str, lr: float, batch: int, epochs: int,
-            d: int = D) -> RunConfig:
-    config = RunConfig(progress=False, train=TrainConfig(epochs=epochs, batch_size=batch, lr=lr,
-                                                         optimizer=optimizer))
+            d: int = D, device: str = "cpu", precision: str = "32") -> RunConfig:
+    config = RunConfig(progress=False, device=device,
+                       train=TrainConfig(epochs=epochs, batch_size=batch, lr=lr,
+                                         optimizer=optimizer, precision=precision))
     config.data.cache_dir = str(tmp_path)
     config.model.joint_dim = d
     config.model.learnable_temperature = False
@@ -93,16 +94,18 @@ def _scenario(first: tuple[str, str], second: tuple[str, str], step_batch: int) 
 
 
 def _old_scores(trainer, pair: tuple[str, str]) -> torch.Tensor:  # noqa: ANN001
-    batch = trainer._gather_all(trainer.scenario.tasks[0].test)
+    batch = trainer.to_device(trainer._gather_all(trainer.scenario.tasks[0].test))
     with torch.no_grad():
         za, zb = (trainer.model.encode(batch, m, normalize=False) for m in pair)
     return za @ zb.T
 
 
 def _score_drift(tmp_path: Path, plugin, optimizer: str, lr: float,  # noqa: ANN001
-                 steps: int = 1) -> float:
-    """Relative Frobenius change of the old pair's score matrix over ``steps`` steps of task 2."""
-    config = _config(tmp_path, optimizer, lr, batch=32, epochs=1)
+                 steps: int = 1, device: str = "cpu", precision: str = "32") -> float:
+    """Relative Frobenius change of the old pair's score matrix over ``steps`` steps of task 2
+    (on ``device``, training at ``precision``; the scores are taken in float32)."""
+    config = _config(tmp_path, optimizer, lr, batch=32, epochs=1, device=device,
+                     precision=precision)
     trainer = build_trainer(config, [plugin])
     trainer.setup(_scenario(("a", "b"), ("a", "c"), step_batch=32))
     first, second = trainer.benchmark.train_stream

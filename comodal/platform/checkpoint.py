@@ -8,7 +8,8 @@ back, so ``comodal.build.check_resume`` refuses to resume a config whose ``plugi
 the evaluation rows and training history so far, and every random state the rest of the run
 draws from: the trainer's batch generator and torch's, numpy's and Python's global generators.
 With ``train.keep_optimizer`` the optimizer's moments are saved too (otherwise every task
-starts from fresh moments, and there is nothing to save).
+starts from fresh moments, and there is nothing to save); with ``train.precision: 16-mixed``
+the grad scaler's state (its loss scale), so that a resumed run continues with the same scale.
 Teachers are not saved either: a teacher is the model as it was at the start of its task, which
 is the checkpointed model. Files load with ``weights_only=True`` (tensors and plain containers
 only) and are written atomically, so a kill never leaves a half-written checkpoint.
@@ -52,6 +53,13 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def stateful(plugins: list[Any]) -> list[Any]:
+    """The plugins whose state a checkpoint lists, by position: all but those that run on
+    rank 0 only (``across_ranks: main``, the TensorBoard writer), so that every rank of a
+    torchrun run, and a one-process run, reads the same list."""
+    return [p for p in plugins if getattr(p, "across_ranks", None) != "main"]
+
+
 def save(directory: Path, trainer: Any, rows: list, config: str) -> Path:
     """Write the checkpoint after task ``len(rows) - 1`` (rows include the one before
     training); ``config`` is the run's resolved config, to refuse resuming another run."""
@@ -66,8 +74,9 @@ def save(directory: Path, trainer: Any, rows: list, config: str) -> Path:
         "optimizer": (trainer.optimizer.state_dict() if trainer.train_cfg.keep_optimizer
                       else None),
         "strategies": [p.state_dict() if hasattr(p, "state_dict") else None
-                       for p in trainer.plugins],
+                       for p in stateful(trainer.plugins)],
         "rng": rng_state(trainer.generator),
+        "scaler": trainer.precision.state_dict(),  # 16-mixed's loss scale; None otherwise
     }
     path = Path(directory) / f"after_task_{done}.pt"
     atomic_torch_save(state, path)
@@ -118,9 +127,13 @@ def restore(trainer: Any, state: dict[str, Any]) -> list:
     if state["optimizer"] is not None:
         trainer.optimizer = trainer.make_optimizer()  # over the grown classifier's parameters
         trainer.optimizer.load_state_dict(state["optimizer"])
-    for plugin, plugin_state in zip(trainer.plugins, state["strategies"], strict=True):
+    plugins, states = stateful(trainer.plugins), state["strategies"]
+    if len(states) > len(plugins) and not any(states[len(plugins):]):
+        states = states[: len(plugins)]  # an older checkpoint listed the TensorBoard writer
+    for plugin, plugin_state in zip(plugins, states, strict=True):
         if plugin_state is not None:
             plugin.load_state_dict(plugin_state)
+    trainer.precision.load_state_dict(state.get("scaler"))
     trainer.history = list(state["history"])
     set_rng_state(state["rng"], trainer.generator)
     return list(state["rows"])

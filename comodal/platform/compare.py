@@ -6,6 +6,8 @@ resolved config equals the requested one, and retrained from scratch on request;
 checkpoints resumes from its last finished task (it starts over when a configured plugin has
 no ``state_dict``, since its state is not in the checkpoints). With several workers, runs go
 to a pool of processes, each with its share of the CPU threads, that exit when the parent dies.
+With the ``ray`` executor each run is a Ray task with its CPUs and GPUs, on a local Ray instance
+or a cluster; it trains with the same ``_train`` into the same directories.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from comodal.platform.results import RESULTS_FORMAT, read_run, results_format
 from comodal.yaml_input import config_diff, read_yaml
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+EXECUTORS = ("local", "ray")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,23 +163,40 @@ def _worker_init(parent: int) -> None:
         os._exit(1)
 
 
-def execute(todo: list[Planned], workers: int = 1, progress: bool = True) -> None:
-    """Train the runs ``pending`` returned, ``workers`` at once."""
+def _for_workers(todo: list[Planned]) -> None:
+    """Before runs go to other processes: no progress bars (one per run would interleave),
+    and the corpora generated and the features cached once, not in every worker."""
+    from comodal.platform.run import build_trainer
+    from comodal.scenarios.registry import build_scenario
+
+    for r in todo:
+        r.config.progress = False
+    build_trainer(todo[0].config).prepare(build_scenario(todo[0].config))
+
+
+def execute(todo: list[Planned], workers: int = 1, progress: bool = True, *,
+            executor: str = "local", address: str | None = None, cpus_per_run: int = 1,
+            gpus_per_run: float = 0.0) -> None:
+    """Train the runs ``pending`` returned: ``workers`` at once with the ``local`` executor,
+    or as Ray tasks of ``cpus_per_run`` CPUs (and threads) and ``gpus_per_run`` GPUs each
+    with the ``ray`` executor (``comodal.platform.ray_executor``). A run that fails stops
+    the runs not yet started, lets the running ones finish, and raises its error."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
     bar = tqdm(total=len(todo), desc="compare", disable=not progress)
-    if workers <= 1:
+    if executor == "ray":
+        from comodal.platform.ray_executor import execute_ray
+
+        if todo:
+            execute_ray(todo, bar, address, cpus_per_run, gpus_per_run)
+    elif workers <= 1:
         for r in todo:
             bar.set_postfix_str(f"{r.stack} seed {r.seed}")
             _train(r)
             bar.update()
     elif todo:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        for r in todo:
-            r.config.progress = False  # one bar per run would interleave across processes
-        # generate corpora and cache features once, not in every worker
-        from comodal.platform.run import build_trainer
-        from comodal.scenarios.registry import build_scenario
-
-        build_trainer(todo[0].config).prepare(build_scenario(todo[0].config))
+        _for_workers(todo)
         pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_worker_init, initargs=(os.getpid(),))
         try:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from comodal.core.data import MultimodalDataset, concat, non_finite_rows
 from comodal.core.files import atomic_torch_save, atomic_write_text
 from comodal.errors import DataError
+from comodal.platform import distributed
 from comodal.platform.modalities import Modality
 
 
@@ -52,21 +53,24 @@ class FeatureCache:
         backbone = modality.fingerprint()
         key = self.key(dataset_fingerprint, split, modality.name, backbone)
         path = self.root / f"{key}.pt"
-        if path.is_file():
-            feats = self._load(path, len(values))
-            if feats is not None:
-                self.hits += 1
-                return feats
+        feats = self._load(path, len(values)) if path.is_file() else None
+        world = distributed.current()
+        if (feats is not None) if world is None else world.all(feats is not None):
+            self.hits += 1
+            return feats
         self.misses += 1
-        chunks = []
-        starts = range(0, len(values), self.batch_size)
+        starts = list(range(0, len(values), self.batch_size))
+        mine = starts if world is None else starts[world.rank::world.size]
         label = f"encoding {split} {modality.name} ({backbone['extractor']})"
-        for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
+        chunks = {}
+        for start in tqdm(mine, desc=label, disable=not self.progress, leave=False):
             part = [modality.preprocess(values[i], f"{where} {i}")
                     for i in range(start, min(start + self.batch_size, len(values)))]
             with torch.no_grad():
-                chunks.append(modality.frozen(modality.collate(part)).float())
-        feats = torch.cat(chunks)
+                chunks[start] = modality.frozen(modality.collate(part)).float().cpu()
+        if world is not None:  # under torchrun each rank encoded every size-th chunk
+            chunks = {k: v for found in world.objects(chunks) for k, v in found.items()}
+        feats = torch.cat([chunks[start] for start in starts])
         bad = non_finite_rows(feats)
         if len(bad):
             raise DataError(f"{where} {int(bad[0])}: the frozen {modality.name} backbone "
@@ -93,8 +97,10 @@ class FeatureCache:
         return None
 
     def _store(self, path: Path, feats: torch.Tensor, meta: str) -> None:
-        """Write an entry atomically; a cache that cannot be written is used without storing."""
-        if not self.writable:
+        """Write an entry atomically (rank 0 under torchrun); a cache that cannot be written is
+        used without storing."""
+        world = distributed.current()
+        if not self.writable or (world is not None and not world.main):
             return
         try:
             atomic_torch_save(feats, path)

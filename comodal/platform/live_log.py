@@ -29,6 +29,8 @@ class LiveTensorBoard(SupervisedPlugin):
     (one dict of metric -> value per task, set before ``after_eval``). Evaluations during a task
     (``eval.every_epochs``) are not written."""
 
+    across_ranks = "main"  # under torchrun, rank 0 alone writes
+
     def __init__(self, logdir: str | Path, task_names: Sequence[str],
                  config_text: str = "") -> None:
         super().__init__()

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comodal.platform import distributed
+
 
 class MultimodalEncoder(nn.Module):
     """``encode(batch, modality)`` -> L2-normalised joint embeddings ``[B, joint_dim]``.
@@ -64,7 +66,16 @@ class MultimodalEncoder(nn.Module):
         return self.encoders[modality](x) if modality in self.encoders else x
 
     def encode(self, batch: dict[str, Any], modality: str, normalize: bool = True) -> torch.Tensor:
-        z = self.heads[modality](self.backbone(batch[modality], modality))
+        """Joint embeddings of ``batch[modality]``. Under torchrun each rank encodes its share
+        of the rows and every rank gets all of them (``comodal.platform.distributed``)."""
+        x = batch[modality]
+        world = distributed.current()
+        if world is None:
+            z = self.heads[modality](self.backbone(x, modality))
+        else:
+            n = distributed.rows_of(x)
+            local = distributed.take_rows(x, world.share(n))
+            z = world.gather(self.heads[modality](self.backbone(local, modality)), n)
         return F.normalize(z, dim=-1) if normalize else z
 
     def forward(self, batch: Any) -> torch.Tensor:

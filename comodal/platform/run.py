@@ -8,6 +8,7 @@ kernel when the process dies, so a kill never leaves it stale) and marked (``.co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -28,12 +29,13 @@ from comodal.build import build_plugins, check, check_resume
 from comodal.config import RunConfig, to_dict
 from comodal.core.files import atomic_write_text
 from comodal.errors import ConfigError, DataError, TrainingError
-from comodal.platform import checkpoint
+from comodal.platform import checkpoint, distributed
 from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.live_log import LiveTensorBoard
 from comodal.platform.metrics import POOLED, summaries
 from comodal.platform.modalities import build_modalities
 from comodal.platform.model import MultimodalEncoder
+from comodal.platform.precision import resolve_device
 from comodal.platform.results import RESULTS_FORMAT, write_run
 from comodal.platform.trainer import Trainer
 from comodal.scenarios.registry import build_scenario
@@ -94,6 +96,7 @@ def identity(config: RunConfig) -> str:
     """The resolved config as text, without the fields that do not change results, and with
     the results format, so that a checkpoint an older comodal wrote is never resumed."""
     fields = {k: v for k, v in to_dict(config).items() if k not in ("out", "progress", "device")}
+    fields["train"] = {k: v for k, v in fields["train"].items() if k != "check_ranks"}
     return yaml.safe_dump({**fields, "results_format": RESULTS_FORMAT}, sort_keys=True)
 
 
@@ -183,16 +186,23 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
     or ``out`` fails before anything is generated or trained."""
     start = time.perf_counter()
     check(config)
+    world, device = distributed.setup(str(resolve_device(config.device)))
+    main = world is None or world.main
+    if world is not None:  # this rank's device; progress bars on rank 0 only
+        config = dataclasses.replace(config, device=device, progress=config.progress and main)
     out = Path(config.out) if config.out else None
-    with claim(out) if out is not None else contextlib.nullcontext():
-        if out is not None and not resume:
+    with claim(out) if out is not None and main else contextlib.nullcontext():
+        if out is not None and not resume and main:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             shutil.rmtree(out / "tb", ignore_errors=True)  # resuming keeps it (see live_log)
-        elif out is not None:
+        elif out is not None and resume:
             check_resume(config, out / "checkpoints")
+        if world is not None:
+            world.barrier()  # rank 0 has claimed the directory and cleared what it replaces
         trainer = build_trainer(config)
-        scenario = build_scenario(config)
-        live = [] if out is None else [LiveTensorBoard(
+        with world.main_first() if world is not None else contextlib.nullcontext():
+            scenario = build_scenario(config)  # generated data: written once, by rank 0
+        live = [] if out is None or not main else [LiveTensorBoard(
             out / "tb", scenario.task_names, yaml.safe_dump(to_dict(config), sort_keys=False))]
         trainer.attach(*live)
         try:
@@ -202,7 +212,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
                 plugin.close()
         summary = summaries(matrices, trainer.test_sizes)
         seconds = time.perf_counter() - start
-        if out is not None:
+        if out is not None and main:
             shutil.rmtree(out / "matrices", ignore_errors=True)  # a rerun replaces, never mixes
             reports = {p.name: p.results() for p in trainer.plugins if hasattr(p, "results")}
             write_run(out, to_dict(config), scenario.task_names, matrices, summary,

@@ -31,13 +31,14 @@ from comodal.core.data import (
     to_device,
 )
 from comodal.errors import ConfigError, TrainingError
-from comodal.platform import checkpoint
+from comodal.platform import checkpoint, distributed
 from comodal.platform.avalanche_view import AvalancheCriterion, check_plugins, is_evaluator
 from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.losses import InfoNCE
 from comodal.platform.metrics import accuracy, content_ids, retrieval_recalls, zero_shot_accuracy
 from comodal.platform.modalities import Modality, collate_samples
 from comodal.platform.model import MultimodalEncoder, frozen_copy
+from comodal.platform.precision import Precision, resolve_device
 from comodal.platform.schedules import build_scheduler
 from comodal.scenarios.task import Scenario, Task
 
@@ -113,8 +114,12 @@ class Trainer:
         device: str = "cpu",
         progress: bool = True,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # auto: CUDA when available
+        self.world = distributed.current()  # None in a one-process run
         self.model = model.to(self.device)
+        if self.world is not None:
+            distributed.share_batch_norm(self.model)
+        self.precision = Precision(train.precision, self.device)
         self.modalities, self.cache = modalities, cache
         self.train_cfg, self.eval_cfg, self.seed, self.progress = train, evaluation, seed, progress
         self.plugins = list(plugins)
@@ -353,8 +358,10 @@ class Trainer:
         self.clock.train_exp_counter = len(rows) - 1
         for exp in list(self.benchmark.train_stream)[len(rows) - 1:]:
             self.train_experience(exp)
+            if self.world is not None and self.train_cfg.check_ranks:
+                self.check_ranks()
             rows.append(self.evaluate())
-            if checkpoints is not None:
+            if checkpoints is not None and (self.world is None or self.world.main):
                 checkpoint.save(checkpoints, self, rows, config)
         metrics = sorted({m for row in rows for col in row for m in col})
         nan = float("nan")
@@ -375,6 +382,8 @@ class Trainer:
                     raise ConfigError(f"strategy {plugin.name}: works on {' and '.join(kinds)} "
                                       f"tasks, but task {task.name!r} is a {task.kind} task")
         check_plugins(self.plugins, scenario, self.evaluator, self.train_cfg, self.eval_cfg)
+        if self.world is not None:
+            distributed.check_plugins(self.plugins)
         torch.manual_seed(self.seed)
         self.scenario = self.prepare(scenario)
         self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
@@ -384,6 +393,32 @@ class Trainer:
             collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
         )
         self.current_eval_stream = list(self.benchmark.test_stream)
+
+    def check_ranks(self) -> None:
+        """``train.check_ranks``: stop with a ``TrainingError`` naming what differs when the
+        model, the optimizer's state or a strategy's state (buffers, moments, projectors)
+        is not bitwise the same on every rank."""
+        parts = {f"model {k}": v for k, v in self.model.state_dict().items()}
+        parts["optimizer state"] = self.optimizer.state_dict()
+        for plugin in self.plugins:
+            if getattr(plugin, "across_ranks", None) == "main":
+                continue  # on rank 0 only
+            name = getattr(plugin, "name", type(plugin).__name__)
+            state = plugin.state_dict() if hasattr(plugin, "state_dict") else {}
+            for key, value in {**state, "projectors": getattr(plugin, "bases", None)}.items():
+                parts[f"strategy {name} {key}"] = value
+        digests = {key: distributed.digest(value) for key, value in parts.items()}
+        found = self.world.objects(digests)
+        differ = [(rank, key) for rank, theirs in enumerate(found) for key in digests
+                  if theirs.get(key) != found[0].get(key)]
+        if differ:
+            task = self.scenario.tasks[self.experience_index]
+            named = "; ".join(f"rank {rank}: {key}" for rank, key in differ[:5])
+            raise TrainingError(
+                f"train.check_ranks: after task {task.name!r} (task {self.experience_index + 1}"
+                f" of {len(self.scenario)}) the ranks differ from rank 0 in {named}"
+                f"{' ...' if len(differ) > 5 else ''}; a strategy or plugin changes its state "
+                "from a rank's own rows or random draws (see across_ranks in the README)")
 
     def _content_groups(self, raw: Task, task: Task) -> tuple[torch.Tensor, ...] | None:
         """A pair task's ``content_ids`` of its test rows per modality, so that retrieval
@@ -499,6 +534,10 @@ class Trainer:
             task = self.scenario.tasks[i]
             if task.kind == "classify":
                 self.model.grow(task.classes)
+        if self.world is not None and self.model.classifier is not None:
+            # new rows are drawn from each rank's global generator, which a dropout on the
+            # rank's own rows may have moved: rank 0's rows everywhere
+            self.world.broadcast_(list(self.model.classifier.parameters()))
 
     def pair(self, batch: dict[str, Any]) -> tuple[str, ...]:
         return self.scenario.tasks[batch["task_id"]].modalities
@@ -532,13 +571,17 @@ class Trainer:
         self.loss = torch.zeros((), device=self.device)  # plugins may add to it from here on
         self.side_outputs, self._mb_output, self._teacher_cache = [], None, None
         self._replaced = False
-        self._call("before_forward")
-        self.outputs = self.forward(self.mbatch)
-        self._call("after_forward")
-        self.loss = self.loss + (self._criterion(self._mb_output, self.mb_y) if self._replaced
-                                 else self.task_loss(self.mbatch, self.outputs))
-        self._call("before_backward")
-        self.loss.backward()
+        with self.precision.autocast():  # forward and losses (plugins' too); 32: no autocast
+            self._call("before_forward")
+            self.outputs = self.forward(self.mbatch)
+            self._call("after_forward")
+            self.loss = self.loss + (self._criterion(self._mb_output, self.mb_y)
+                                     if self._replaced
+                                     else self.task_loss(self.mbatch, self.outputs))
+            self._call("before_backward")
+        self.precision.scale(self.loss).backward()
+        self.reduce_gradients()
+        self.precision.unscale_(self.optimizer)  # 16-mixed: plugins see the true gradients
         self._call("after_backward")
         self._call("before_update")
         if self._rehome:
@@ -548,11 +591,18 @@ class Trainer:
             with torch.no_grad():
                 for p in self.model.parameters():
                     p.data = p.data.clone()
-        self.optimizer.step()
-        if self.scheduler is not None:
+        # a step 16-mixed's scaler skips (inf or NaN gradients) does not advance the schedule
+        if self.precision.step(self.optimizer) and self.scheduler is not None:
             self.scheduler.step()
         self._call("after_update")
         self._call("after_training_iteration")
+
+    def reduce_gradients(self) -> None:
+        """Under torchrun, every rank's gradients become their mean over ranks (the
+        one-process gradient: see ``comodal.platform.distributed``); called after each
+        training backward, and by strategies that backpropagate on their own (EWC)."""
+        if self.world is not None:
+            self.world.reduce_gradients(list(self.model.parameters()))
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -568,12 +618,14 @@ class Trainer:
             self.mbatch = self.as_batch(batch)
             self._call("before_eval_iteration")
             self._call("before_eval_forward")
-            if task.kind == "classify" and self.model.classifier is None:
-                # no class learned yet: one placeholder column that matches no target (-1)
-                z = self.model.encode(self.mbatch, keys[0], normalize=False)
-                self.outputs = ClassifyOutput(z.new_full((len(z), 1), float("-inf")), z)
-            else:
-                self.outputs = self.forward(self.mbatch)
+            with self.precision.autocast():
+                if task.kind == "classify" and self.model.classifier is None:
+                    # no class learned yet: one placeholder column that matches no target (-1)
+                    z = self.model.encode(self.mbatch, keys[0], normalize=False)
+                    self.outputs = ClassifyOutput(z.new_full((len(z), 1), float("-inf")), z)
+                else:
+                    self.outputs = self.forward(self.mbatch)
+            self.outputs = self.precision.float32(self.outputs)  # metrics in float32
             self._mb_output = None
             self._call("after_eval_forward")
             if self._eval_loss:
@@ -641,7 +693,9 @@ class Trainer:
                                     seed=self.seed + task_id, groups=self.test_groups[task_id])
         prototypes = self.class_inputs[task_id]
         if prototypes is not None and task.test.labels is not None:
-            protos = self.model.encode(prototypes, "text").cpu()
+            with self.precision.autocast():
+                protos = self.model.encode(prototypes, "text")
+            protos = self.precision.float32(protos).cpu()
             self.check_finite(task, "text", protos, "embedding of class text")
             scored = [m for m in task.modalities if m != "text"]
             accs = [zero_shot_accuracy(z[m], protos, task.test.labels) for m in scored]

@@ -23,6 +23,9 @@ class Strategy(SupervisedPlugin):
     Config: ClassVar[type] = NoOptions
     kinds: ClassVar[tuple[str, ...]] = ("pair", "classify")  # task kinds it works on
     uses_teacher: ClassVar[bool] = False  # True: the trainer keeps ``teacher`` for it
+    # how its state stays the same on every process under torchrun (a key of
+    # ``comodal.platform.distributed.ACROSS_RANKS``); None: it is refused there
+    across_ranks: ClassVar[str | None] = None
 
     def __init__(self, config: object | None = None) -> None:
         super().__init__()

@@ -55,7 +55,9 @@ class BatchFactors:
 
     def _recorder(self, name: str) -> Any:
         def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if output.requires_grad:
+            # under autocast (bf16, 16-mixed) Δ is half precision and 16-mixed's is scaled:
+            # G is not Δᵀ X in the weight's dtype, so no factors (the weight form projects)
+            if output.requires_grad and output.dtype == module.weight.dtype:
                 entry = [inputs[0].detach(), None]
                 self.entries[name].append(entry)
                 output.register_hook(lambda grad: entry.__setitem__(1, grad.detach()))

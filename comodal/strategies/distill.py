@@ -26,6 +26,7 @@ import torch
 
 from comodal.config import check_choice
 from comodal.errors import ConfigError
+from comodal.platform import distributed
 from comodal.platform.losses import FeatureDistill, PredictionDistill, RelationDistill
 from comodal.strategies.base import Strategy
 
@@ -71,6 +72,7 @@ class KDConfig:
 
 class KD(Strategy):
     name = "kd"
+    across_ranks = "replicated"
     Config = KDConfig
     kinds = ("classify",)
     uses_teacher = True
@@ -110,7 +112,9 @@ class KD(Strategy):
         if self.layer != "encoder" or self.config.feature == "off":
             return strategy.outputs.features, teacher
         student, caught = self._caught
-        return student[0], teacher._replace(features=caught[0])
+        n = len(strategy.mbatch)  # under torchrun each rank's heads saw its share of the rows
+        return (distributed.gather_rows(student[0], n),
+                teacher._replace(features=distributed.gather_rows(caught[0], n)))
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if strategy.teacher is None:
@@ -158,6 +162,7 @@ class RelationKDConfig:
 
 class RelationKD(Strategy):
     name = "relation_kd"
+    across_ranks = "replicated"
     Config = RelationKDConfig
     kinds = ("pair",)
     uses_teacher = True

@@ -28,6 +28,7 @@ import torch
 
 from comodal.config import check_choice
 from comodal.errors import ConfigError
+from comodal.platform import distributed
 from comodal.platform.trainer import overrides
 from comodal.strategies.batch_factors import BatchFactors
 from comodal.strategies.projecting import MODES, ProjectingStrategy
@@ -109,6 +110,7 @@ class DNSConfig:
 
 class DNS(ProjectingStrategy):
     name = "dns"
+    across_ranks = "reduced"  # moments summed over the ranks' rows
     Config = DNSConfig
 
     def __init__(self, config: DNSConfig | None = None) -> None:
@@ -171,6 +173,7 @@ class DNS(ProjectingStrategy):
         self._release()
         others = [p for p in strategy.plugins if p is not self]
         if (self.config.mode == "grad" and self.config.batch_form
+                and distributed.current() is None  # a rank's factors hold its rows only
                 and not any(overrides(p, "before_backward") for p in others)):
             heads = {m: strategy.model.heads[m] for m in self.bases}
             self.factors = BatchFactors(heads, seed=len(self.ranks))
@@ -244,21 +247,33 @@ class DNS(ProjectingStrategy):
             if m in model.encoders:
                 layers.update(linear_layers(model.encoders[m], f"encoders.{m}."))
 
+        new: dict[str, dict[str, torch.Tensor]] = {
+            "moment_in": {}, "partner_inputs": {}, "moment_out": {}, "moment_self": {}}
+        rows = [0]
+
         def absorb(batch: dict[str, Any]) -> None:
+            batch = distributed.local_batch(batch, (a, b))  # under torchrun: this rank's rows
             x = {m: model.backbone(batch[m], m) for m in (a, b)}
             xx = {m: x[m].T @ x[m] for m in (a, b)}
             z = {m: model.heads[m](x[m]) for m in (a, b)} if snapshot else {}
             for m, partner in ((a, b), (b, a)):
-                self._add(self.moment_in, m, xx[m])
-                self._add(self.partner_inputs, f"{m}|{partner}", xx[partner])
+                self._add(new["moment_in"], m, xx[m])
+                self._add(new["partner_inputs"], f"{m}|{partner}", xx[partner])
                 if snapshot:  # the paper's C̃: embeddings as they are at the task's end
-                    self._add(self.moment_out, m, z[partner].T @ z[partner])
+                    self._add(new["moment_out"], m, z[partner].T @ z[partner])
                     if cfg.keep_norms:
-                        self._add(self.moment_self, m, z[m].T @ z[m])
-                self.count[m] = self.count.get(m, 0) + len(x[m])
+                        self._add(new["moment_self"], m, z[m].T @ z[m])
+            rows[0] += len(x[a])
 
         # the encoders' layers see their inputs while absorb runs the backbones
         moments = input_moments(layers, absorb, strategy.statistics_pass(index))
+        world = distributed.current()
+        for store, found in new.items():
+            for key, value in found.items():
+                self._add(getattr(self, store), key, value if world is None else world.sum_(value))
+        n = rows[0] if world is None else world.total(rows[0])
+        for m in (a, b):
+            self.count[m] = self.count.get(m, 0) + n
         for name, (s, n) in moments.items():
             self._add(self.layer_moments, name, s)
             self.layer_count[name] = self.layer_count.get(name, 0) + n

@@ -35,6 +35,7 @@ class EWCConfig:
 
 class EWC(Strategy):
     name = "ewc"
+    across_ranks = "reduced"  # each Fisher batch's gradient averaged over ranks
     Config = EWCConfig
     kinds = ("pair",)  # a growing classifier changes parameter shapes under the anchors
 
@@ -68,6 +69,7 @@ class EWC(Strategy):
             model.zero_grad(set_to_none=True)
             za, zb = (model.encode(batch, m) for m in pair)
             strategy.criterion(za, zb, model.scale).backward()
+            strategy.reduce_gradients()  # under torchrun: the whole batch's gradient
             for name, p in params.items():
                 if p.grad is not None:
                     fisher[name] += n * p.grad.detach() ** 2  # a short last batch counts less

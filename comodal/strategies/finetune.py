@@ -10,3 +10,4 @@ from comodal.strategies.base import Strategy
 
 class Finetune(Strategy):
     name = "finetune"
+    across_ranks = "replicated"

@@ -62,6 +62,7 @@ def grow_basis(basis: torch.Tensor | None, moment: torch.Tensor, threshold: floa
 
 class GPM(ProjectingStrategy):
     name = "gpm"
+    across_ranks = "reduced"  # input moments summed over the ranks' rows
     Config = GPMConfig
 
     def __init__(self, config: GPMConfig | None = None) -> None:

@@ -14,6 +14,7 @@ from comodal.strategies.base import Strategy
 
 class Joint(Strategy):
     name = "joint"
+    across_ranks = "replicated"
 
     def train_tasks(self, trainer: Any) -> list[int]:
         """Every task at the first task, none afterwards."""

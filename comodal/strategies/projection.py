@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from comodal.platform import distributed
+
 RULES = ("energy", "relative", "absolute")
 FORMS = ("auto", "dense", "lowrank")
 
@@ -166,4 +168,10 @@ def input_moments(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (s.float(), n) for name, (s, n) in sums.items() if s is not None}
+    found = {name: acc for name, acc in sums.items() if acc[0] is not None}
+    world = distributed.current()
+    if world is not None:  # each rank's layers saw its share of the rows: sum over ranks
+        for acc in found.values():
+            acc[0] = world.sum_(acc[0])
+            acc[1] = world.total(acc[1])
+    return {name: (s.float(), n) for name, (s, n) in found.items()}

@@ -75,6 +75,7 @@ class ER(Strategy):
     """Experience replay with a class-balanced, experience-balanced or reservoir buffer."""
 
     name = "er"
+    across_ranks = "replicated"  # selection from gathered features and the shared seed
     Config = ERConfig
     owns_buffer = True
 
