@@ -18,6 +18,7 @@ issues, the mean all-reduce of gradients, is issued by the trainer after each ba
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -208,6 +209,8 @@ def setup(device: str) -> tuple[World | None, str]:
         import comodal._avalanche  # noqa: F401
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+            # left to the interpreter's teardown, gloo's threads can abort the process
+            atexit.register(dist.destroy_process_group)
         _WORLD = World(dist.get_rank(), dist.get_world_size(), local_rank,
                        torch.device(device))
     return _WORLD, device
