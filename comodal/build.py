@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from comodal.config import ModalityConfig, RunConfig, check_choice, validate
+from comodal.config import ModalityConfig, RunConfig, check_modality_name, validate
 from comodal.errors import ComodalError, ConfigError
 from comodal.platform import checkpoint
-from comodal.platform.modalities import ENCODERS
-from comodal.scenarios.registry import dataset_names, dataset_spec
+from comodal.platform.modalities import ENCODERS, check_encoder
+from comodal.scenarios.registry import resolve_task
 from comodal.strategies.registry import validate_strategies
 from comodal.yaml_input import shown
 
@@ -30,8 +30,8 @@ def check(config: RunConfig) -> None:
     and each plugin (its class imported and built with its ``args``)."""
     import_modules(config.imports)
     for name, mod in config.model.modalities.items():
-        check_choice("model.modalities", name, ENCODERS)
-        check_choice(f"model.modalities.{name}.encoder", mod.encoder, ENCODERS[name])
+        check_modality_name(name, "model.modalities")
+        check_encoder(name, mod.encoder)
         _check_trainability(name, mod)
     validate(config)
     ci = config.scenario.class_incremental
@@ -68,7 +68,7 @@ def scenario_kind(config: RunConfig) -> str:
 
 
 def _check_trainability(name: str, mod: ModalityConfig) -> None:
-    trainable = {"audio": "conv' or 'hf", "vision": "conv", "text": "embedding-bag' or 'hf"}[name]
+    trainable = {"audio": "conv' or 'hf", "vision": "conv", "text": "embedding-bag' or 'hf"}
     if mod.freeze_feature_encoder and not (name == "audio" and mod.encoder == "hf"
                                            and mod.frozen is False):
         raise ConfigError(f"model.modalities.{name}.freeze_feature_encoder: only a trained "
@@ -78,10 +78,11 @@ def _check_trainability(name: str, mod: ModalityConfig) -> None:
         raise ConfigError(f"model.modalities.{name}.max_seconds: must be >= 0, "
                           f"got {mod.max_seconds}")
     if mod.encoder in ("logmel-stats", "image-stats", "features") and mod.frozen is False:
-        raise ConfigError(
-            f"model.modalities.{name}.frozen: {mod.encoder!r} is fixed and cannot be trained; "
-            f"use encoder '{trainable}' for a trainable {name} encoder"
-        )
+        instead = (f"use encoder '{trainable[name]}' for a trainable {name} encoder"
+                   if name in trainable else f"{name!r} has no trainable encoder (only "
+                   f"{', '.join(ENCODERS)} do): its features are fixed, its head trains")
+        raise ConfigError(f"model.modalities.{name}.frozen: {mod.encoder!r} is fixed and cannot "
+                          f"be trained; {instead}")
     if mod.encoder in ("conv", "embedding-bag") and mod.frozen is True:
         raise ConfigError(
             f"model.modalities.{name}.frozen: {mod.encoder!r} is a small encoder trained from "
@@ -90,17 +91,18 @@ def _check_trainability(name: str, mod: ModalityConfig) -> None:
 
 
 def _check_modalities(config: RunConfig, where: str, dataset: str, modalities: list[str]) -> None:
-    check_choice(f"{where}.dataset", dataset, dataset_names(config.data))
-    available = dataset_spec(dataset, config.data).modalities
-    for m in modalities:
-        if m not in available:
-            raise ConfigError(f"{where}.modalities: dataset {dataset!r} has no modality {m!r} "
-                              f"(it has: {', '.join(available)})")
+    resolved = resolve_task(dataset, modalities, config.data, where)
+    for m in resolved.modalities:
         if m not in config.model.modalities:
             raise ConfigError(
                 f"{where}.modalities: modality {m!r} is not configured under model.modalities "
                 f"(configured: {', '.join(config.model.modalities)})"
             )
+        encoder = config.model.modalities[m].encoder
+        if resolved.dataset.startswith("cmcl/") and encoder != "features":
+            raise ConfigError(f"model.modalities.{m}.encoder: {resolved.dataset} holds "
+                              f"precomputed {m} features, so {m} needs encoder: features (with "
+                              f"dim: their width), not {encoder!r}")
 
 
 def plugin_class(path: str, where: str) -> type:

@@ -94,7 +94,8 @@ def version() -> str:
 def registered() -> dict[str, Any]:
     """What a config can name: each strategy's task kinds and options (with their defaults),
     each dataset's modalities and each modality's encoders."""
-    from comodal.platform.modalities import ENCODERS
+    from comodal.platform.modalities import ENCODERS, OTHER_ENCODERS
+    from comodal.scenarios import cmcl
     from comodal.scenarios.registry import dataset_names, dataset_spec
     from comodal.strategies.registry import strategies
 
@@ -112,6 +113,10 @@ def registered() -> dict[str, Any]:
                        for name, cls in strategies().items()},
         "datasets": {name: list(dataset_spec(name).modalities) for name in dataset_names()},
         "encoders": {modality: list(names) for modality, names in ENCODERS.items()},
+        # any other modality name (depth, thermal, touch, ...) takes precomputed features
+        "other_modality_encoders": list(OTHER_ENCODERS),
+        # cmcl/<name> under data.cmcl.root: each CMCL dataset's feature rows, in order
+        "cmcl_datasets": {name: list(rows) for name, rows in cmcl.ROWS.items()},
     }
 
 
@@ -137,9 +142,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name, modalities in found["datasets"].items():
         print(f"  {name:<{width}}  {', '.join(modalities)}")
     print(f"  {'features/<name>':<{width}}  each entry of data.features, with its modalities")
+    print(f"  {'cmcl/<name>':<{width}}  CMCL feature files under data.cmcl.root; rows:")
+    for name, rows in found["cmcl_datasets"].items():
+        print(f"    {name:<{width - 2}}  {', '.join(f'{i} {m}' for i, m in enumerate(rows))}")
     print("encoders (model.modalities.<modality>.encoder):")
     for modality, names in found["encoders"].items():
         print(f"  {modality:<6}  {', '.join(names)}")
+    print(f"  {'other':<6}  {', '.join(found['other_modality_encoders'])} (any other modality "
+          "name: depth, thermal, touch, ...)")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,12 +52,21 @@ class ModelConfig:
     temperature: float = 0.07
     learnable_temperature: bool = True
     modalities: dict[str, ModalityConfig] = field(default_factory=_default_modalities)
+    # how two joint embeddings are scored (losses, retrieval, zero-shot, the strategies' pair
+    # losses): cosine (L2-normalised) | dot (the heads' raw outputs, as the CMCL code)
+    score: str = "cosine"
+    # auto (identity where a head's widths match, else orthogonal) | identity | orthogonal
+    head_init: str = "auto"
+    head_bias: bool = False  # heads with a bias, zero-initialised (the CMCL code's Linear)
 
 
 @dataclass
 class TaskConfig:
+    """A pair task. ``dataset`` may index the rows of CMCL feature files instead of naming the
+    modalities, as the CMCL code's task strings do: ``cmcl/nyudv2:0,2``."""
+
     dataset: str
-    modalities: list[str]
+    modalities: list[str] = field(default_factory=list)
     name: str | None = None
 
 
@@ -99,6 +109,18 @@ class FeaturesConfig:
 
 
 @dataclass
+class CMCLConfig:
+    """The CMCL authors' feature files (``comodal.scenarios.cmcl``), datasets ``cmcl/<name>``:
+    ``<root>/{name}_{split}_{backbone}.h5`` and ``<root>/{name}_class_{backbone}.h5``."""
+
+    root: str | None = None  # the directory of the .h5 files
+    backbone: str = "imagebind"  # the files' {backbone} part: imagebind, languagebind, unibind
+    # dataset -> the modality of each row of its [M, d] arrays, in order; for datasets outside
+    # the built-in table of the CMCL stream (or to replace an entry of it)
+    modalities: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
 class SynthFSCConfig:
     """The synthesised spoken-commands corpus (``comodal.scenarios.synth_fsc``)."""
 
@@ -135,6 +157,7 @@ class DataConfig:
     fsc: FSCConfig = field(default_factory=FSCConfig)
     slurp: SlurpConfig = field(default_factory=SlurpConfig)
     features: dict[str, FeaturesConfig] = field(default_factory=dict)  # datasets features/<name>
+    cmcl: CMCLConfig = field(default_factory=CMCLConfig)  # datasets cmcl/<name>
 
 
 @dataclass
@@ -148,11 +171,12 @@ class SchedulerConfig:
     """The learning rate within each task (``comodal.platform.schedules``), stepped once per
     optimizer step."""
 
-    name: str = "none"  # none | cosine | step
+    name: str = "none"  # none | cosine | step | linear
     warmup_epochs: float = 0.0  # linear warmup from 0 to lr over this many epochs
     step_epochs: int = 1  # step: lr *= gamma every step_epochs epochs after the warmup
     gamma: float = 0.1
-    min_lr: float = 0.0  # cosine: the lr at the task's last step
+    # cosine: the lr at the task's last step; linear: the lr one step after the last
+    min_lr: float = 0.0
 
 
 @dataclass
@@ -168,6 +192,9 @@ class TrainConfig:
     check_ranks: bool = False  # under torchrun: compare every rank's state after each task
     # 32 | bf16 | 16-mixed (comodal.platform.precision); YAML's 32 is an int, kept as "32"
     precision: str | int = "32"
+    # the global norm of the trainable parameters' gradients is clipped to this before the
+    # strategies' after_backward hooks (the CMCL code's 1.0); null: no clipping
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, int) and not isinstance(self.precision, bool):
@@ -209,7 +236,9 @@ class RunConfig:
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LOSSES = ("infonce",)
-SCHEDULERS = ("none", "cosine", "step")
+SCHEDULERS = ("none", "cosine", "step", "linear")
+SCORES = ("cosine", "dot")  # model.score (comodal.platform.model)
+HEAD_INITS = ("auto", "identity", "orthogonal")  # model.head_init
 PRECISIONS = ("32", "bf16", "16-mixed")  # train.precision (comodal.platform.precision)
 
 
@@ -415,6 +444,10 @@ def _check_numbers(config: RunConfig) -> None:
             raise ConfigError(f"{where}: must be positive, got {value}")
     if config.train.weight_decay < 0:
         raise ConfigError(f"train.weight_decay: must be >= 0, got {config.train.weight_decay}")
+    clip = config.train.clip_grad_norm
+    if clip is not None and clip <= 0:
+        raise ConfigError(f"train.clip_grad_norm: must be positive (null: no clipping), "
+                          f"got {clip}")
 
 
 def _check_scheduler(train: TrainConfig) -> None:
@@ -426,7 +459,8 @@ def _check_scheduler(train: TrainConfig) -> None:
                           f"({train.epochs}), got {sched.warmup_epochs}")
     if sched.warmup_epochs and sched.name == "none":
         raise ConfigError(f"{where}.warmup_epochs: a warmup needs a schedule to warm up to; "
-                          "set train.scheduler.name to cosine or step (gamma: 1 keeps lr)")
+                          "set train.scheduler.name to cosine, linear or step (gamma: 1 keeps "
+                          "lr)")
     _at_least(f"{where}.step_epochs", sched.step_epochs, 1)
     if not 0 < sched.gamma <= 1:
         raise ConfigError(f"{where}.gamma: must be in (0, 1], got {sched.gamma}")
@@ -459,18 +493,85 @@ def _check_device(device: str) -> None:
                           f"cuda:{torch.cuda.device_count() - 1})")
 
 
+MODALITY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+RESERVED_NAMES = ("label", "index", "task_id")  # the keys a batch holds beside its modalities
+FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a CMCL dataset or backbone name
+
+
+def check_modality_name(name: str, where: str) -> None:
+    """A modality may have any name that is an identifier (letters, digits and _, not starting
+    with a digit) other than the keys a batch holds beside its modalities."""
+    if not MODALITY_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: modality name {shown(name)} is not a name: use letters, "
+                          "digits and _ (not starting with a digit), such as depth or thermal")
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"{where}: modality name {name!r} is reserved (a batch's {name!r} "
+                          "key); choose another name")
+
+
+def task_rows(dataset: str, where: str) -> tuple[str, tuple[int, int] | None]:
+    """``dataset`` without a trailing ``:i,j``, and the row indices ``i, j`` it gives (the CMCL
+    code's task strings, such as ``cmcl/nyudv2:0,2``) or None."""
+    base, sep, rows = dataset.partition(":")
+    if not sep:
+        return dataset, None
+    parts = [p.strip() for p in rows.split(",")]
+    if not base or len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts) \
+            or int(parts[0]) == int(parts[1]):
+        raise ConfigError(f"{where}: {shown(dataset)}: after ':' give two different row indices "
+                          "of the dataset's feature arrays, such as cmcl/nyudv2:0,2")
+    return base, (int(parts[0]), int(parts[1]))
+
+
+def _check_cmcl(cmcl: CMCLConfig) -> None:
+    where = "data.cmcl"
+    if not FILE_PART.fullmatch(cmcl.backbone):
+        raise ConfigError(f"{where}.backbone: {shown(cmcl.backbone)} is not a file-name part "
+                          "(the {backbone} of {dataset}_{split}_{backbone}.h5, such as imagebind)")
+    for name, modalities in cmcl.modalities.items():
+        if not FILE_PART.fullmatch(name):
+            raise ConfigError(f"{where}.modalities: {shown(name)} is not a dataset name (the "
+                              "{dataset} of {dataset}_{split}_{backbone}.h5)")
+        if not modalities:
+            raise ConfigError(f"{where}.modalities.{name}: name the modality of each row of "
+                              "its feature arrays, in order, such as [vision, text, depth]")
+        for m in modalities:
+            check_modality_name(m, f"{where}.modalities.{name}")
+        repeated = [m for m in modalities if modalities.count(m) > 1]
+        if repeated:
+            raise ConfigError(f"{where}.modalities.{name}: {repeated[0]!r} is listed twice")
+
+
+def _check_task(i: int, task: TaskConfig) -> None:
+    """A pair task names two different modalities, unless it indexes the rows of CMCL files
+    (``cmcl/<name>:i,j``) or takes a CMCL dataset's first two rows (``cmcl/<name>``, as the
+    CMCL code does)."""
+    base, rows = task_rows(task.dataset, f"scenario.tasks[{i}].dataset")
+    if not task.modalities and (rows is not None or base.startswith("cmcl/")):
+        return
+    if len(task.modalities) != 2 or task.modalities[0] == task.modalities[1]:
+        raise ConfigError(
+            f"scenario.tasks[{i}].modalities: a pair task names two different modalities, "
+            f"got {shown(task.modalities)}"
+        )
+
+
 def validate(config: RunConfig) -> None:
     """Checks across fields that need no registry (ranges, the scenario's shape, plugin
     entries); ``comodal.build.check`` runs them with the checks of names."""
     for name, mod in config.model.modalities.items():
+        check_modality_name(name, "model.modalities")
         for key in ("sample_rate", "n_mels", "dim", "max_length"):
             _at_least(f"model.modalities.{name}.{key}", getattr(mod, key), 1)
     check_choice("train.optimizer", config.train.optimizer, OPTIMIZERS)
     check_choice("train.loss.name", config.train.loss.name, LOSSES)
     check_choice("train.precision", str(config.train.precision), PRECISIONS)
+    check_choice("model.score", config.model.score, SCORES)
+    check_choice("model.head_init", config.model.head_init, HEAD_INITS)
     _check_numbers(config)
     _check_scheduler(config.train)  # after train.epochs and train.lr are checked
     _check_device(config.device)
+    _check_cmcl(config.data.cmcl)
     scenario = config.scenario
     if (not scenario.tasks) == (scenario.class_incremental is None):
         raise ConfigError("scenario: give either tasks (modality pairs) or class_incremental, "
@@ -482,11 +583,7 @@ def validate(config: RunConfig) -> None:
         if names.count(name) > 1:
             raise ConfigError(f"scenario.tasks: task name {shown(name)} is used twice")
     for i, task in enumerate(scenario.tasks):
-        if len(task.modalities) != 2 or task.modalities[0] == task.modalities[1]:
-            raise ConfigError(
-                f"scenario.tasks[{i}].modalities: a pair task names two different modalities, "
-                f"got {shown(task.modalities)}"
-            )
+        _check_task(i, task)
     _check_plugins(config.plugins)
 
 

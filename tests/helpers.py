@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import yaml
 
 from comodal.build import check
 from comodal.config import RunConfig, load_config
+from comodal.errors import ConfigError
 from comodal.strategies.base import Strategy
 
 
@@ -21,6 +23,15 @@ def load_dict(config: dict, directory: Path) -> RunConfig:
     loaded = load_config(path)
     check(loaded)
     return loaded
+
+
+def load_error(config: dict, directory: Path, override: str) -> str:
+    """The ``ConfigError`` message of loading ``config`` with one ``--set`` override."""
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    return str(err.value)
 
 
 def class_incremental(tiny: dict) -> dict:

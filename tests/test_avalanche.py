@@ -178,7 +178,8 @@ def test_the_avalanche_criterion_is_the_task_loss() -> None:
     from comodal.platform.losses import InfoNCE
 
     scale = torch.tensor(10.0)
-    model = type("M", (), {"scale": scale})()
+    unit = staticmethod(lambda z: torch.nn.functional.normalize(z, dim=-1))  # cosine scoring
+    model = type("M", (), {"scale": scale, "scored": unit})()
     infonce = InfoNCE()
     criterion = AvalancheCriterion(lambda: model, infonce)
     g = torch.Generator().manual_seed(0)

@@ -37,9 +37,14 @@ def test_unknown_strategy(tiny: dict) -> None:
     _check(tiny, "strategies[1]", "'magic'", "finetune", "joint")
 
 
-def test_unknown_modality(tiny: dict) -> None:
-    tiny["model"]["modalities"]["smell"] = {"encoder": "features"}
-    _check(tiny, "model.modalities", "'smell'", "audio", "text", "vision")
+def test_a_modality_without_built_in_encoders_needs_features(tiny: dict) -> None:
+    tiny["model"]["modalities"]["smell"] = {"encoder": "conv"}
+    _check(tiny, "model.modalities.smell.encoder", "'conv'", "audio, text, vision only",
+           "'smell' needs precomputed features")
+    tiny["model"]["modalities"]["smell"] = {"encoder": "features", "frozen": False}
+    _check(tiny, "model.modalities.smell.frozen", "'smell' has no trainable encoder")
+    tiny["model"]["modalities"]["smell!"] = tiny["model"]["modalities"].pop("smell")
+    _check(tiny, "model.modalities", "'smell!' is not a name")
 
 
 def test_unknown_encoder(tiny: dict) -> None:

@@ -1,16 +1,18 @@
 """Gradient-projection strategies checked by their invariants: DNS keeps old cross-modal
-scores, GPM keeps old head outputs, the low-rank and dense forms agree, and EWC's penalty is
+scores (raw bilinear ones, those dot scoring evaluates, with bias-free and biased heads), GPM
+keeps old head outputs, the low-rank, dense and batch-factor forms agree, and EWC's penalty is
 the formula."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from comodal.config import ModalityConfig, RunConfig, TrainConfig
-from comodal.core.data import MultimodalDataset
+from comodal.core.data import BatchLoader, MultimodalDataset
 from comodal.errors import ConfigError
 from comodal.platform.run import build_trainer
 from comodal.scenarios.task import Scenario, Task
@@ -75,14 +77,19 @@ def _pairs(seed: int, n: int, rank: int | None, d: int = D) -> MultimodalDataset
 
 
 def _config(tmp_path: Path, optimizer: str, lr: float, batch: int, epochs: int,
-            d: int = D, device: str = "cpu", precision: str = "32") -> RunConfig:
+            d: int = D, device: str = "cpu", precision: str = "32", clip: float | None = None,
+            **model: Any) -> RunConfig:
+    """A toy run's config; ``model`` sets fields of ``config.model`` (score, head_bias, ...)."""
     config = RunConfig(progress=False, device=device,
                        train=TrainConfig(epochs=epochs, batch_size=batch, lr=lr,
-                                         optimizer=optimizer, precision=precision))
+                                         optimizer=optimizer, precision=precision,
+                                         clip_grad_norm=clip))
     config.data.cache_dir = str(tmp_path)
     config.model.joint_dim = d
     config.model.learnable_temperature = False
     config.model.modalities = {m: ModalityConfig(encoder="features", dim=d) for m in "abc"}
+    for key, value in model.items():
+        setattr(config.model, key, value)
     return config
 
 
@@ -94,28 +101,42 @@ def _scenario(first: tuple[str, str], second: tuple[str, str], step_batch: int) 
 
 
 def _old_scores(trainer, pair: tuple[str, str]) -> torch.Tensor:  # noqa: ANN001
+    """The old task's raw bilinear scores (W_a x_a + b_a)ᵀ(W_b x_b + b_b), the quantity DNS
+    keeps."""
     batch = trainer.to_device(trainer._gather_all(trainer.scenario.tasks[0].test))
     with torch.no_grad():
         za, zb = (trainer.model.encode(batch, m, normalize=False) for m in pair)
     return za @ zb.T
 
 
+def _evaluated_scores(trainer, pair: tuple[str, str]) -> torch.Tensor:  # noqa: ANN001
+    """The old task's scores as its evaluation ranks by them: the dot products of what
+    ``Trainer.embed`` gives retrieval (the model's scored embeddings)."""
+    trainer.dataloader = BatchLoader(trainer.scenario.tasks[0].test, trainer._collate,
+                                     trainer.eval_mb_size, 0, shuffle=False)
+    z = trainer.embed(0)
+    return z[pair[0]] @ z[pair[1]].T
+
+
 def _score_drift(tmp_path: Path, plugin, optimizer: str, lr: float,  # noqa: ANN001
-                 steps: int = 1, device: str = "cpu", precision: str = "32") -> float:
-    """Relative Frobenius change of the old pair's score matrix over ``steps`` steps of task 2
-    (on ``device``, training at ``precision``; the scores are taken in float32)."""
+                 steps: int = 1, device: str = "cpu", precision: str = "32",
+                 scores=_old_scores, clip: float | None = None,  # noqa: ANN001
+                 **model: Any) -> float:
+    """Relative Frobenius change of the old pair's score matrix (``scores``) over ``steps``
+    steps of task 2 (on ``device``, training at ``precision``; the scores are taken in
+    float32); ``model`` sets fields of ``config.model``."""
     config = _config(tmp_path, optimizer, lr, batch=32, epochs=1, device=device,
-                     precision=precision)
+                     precision=precision, clip=clip, **model)
     trainer = build_trainer(config, [plugin])
     trainer.setup(_scenario(("a", "b"), ("a", "c"), step_batch=32))
     first, second = trainer.benchmark.train_stream
     trainer.train_cfg.lr = 0.05
     trainer.train_epochs = 20
     trainer.train_experience(first)
-    before = _old_scores(trainer, ("a", "b"))
+    before = scores(trainer, ("a", "b"))
     trainer.train_cfg.lr, trainer.train_epochs = lr, steps
     trainer.train_experience(second)  # 32 rows, batch 32: one step per epoch
-    after = _old_scores(trainer, ("a", "b"))
+    after = scores(trainer, ("a", "b"))
     return ((after - before).norm() / before.norm()).item()
 
 
@@ -123,15 +144,36 @@ KEEP_ALL = {"input_rule": "relative", "input_threshold": 1e-6,
             "output_rule": "relative", "output_threshold": 1e-6}
 
 
-def test_dns_keeps_old_scores_under_sgd_while_finetuning_moves_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bias", [False, True])
+def test_dns_keeps_old_scores_under_sgd_while_finetuning_moves_them(tmp_path: Path,
+                                                                    bias: bool) -> None:
+    """With ``head_bias`` the heads are [W | b] on [x, 1]: the old inputs' augmented span
+    has one more direction (the bias's), and the old scores include the biases."""
     dns = DNS(DNSConfig(mode="grad", **KEEP_ALL))
-    kept = _score_drift(tmp_path, dns, "sgd", lr=0.01)
-    moved = _score_drift(tmp_path, Finetune(), "sgd", lr=0.01)
+    kept = _score_drift(tmp_path, dns, "sgd", lr=0.01, head_bias=bias)
+    moved = _score_drift(tmp_path, Finetune(), "sgd", lr=0.01, head_bias=bias)
     assert kept < 1e-4
     assert moved > 100 * max(kept, 1e-7)
     assert dns.projections > 0
-    assert dns.ranks[-1]["kept"]["a"] == {"input": 3, "input_dim": D, "output": 3,
-                                          "output_dim": D, "form": "lowrank"}
+    assert dns.ranks[-1]["kept"]["a"] == {"input": 3 + bias, "input_dim": D + bias,
+                                          "output": 3 + bias, "output_dim": D, "form": "lowrank"}
+
+
+@pytest.mark.parametrize(("bias", "mode", "optimizer", "lr"),
+                         [(False, "grad", "sgd", 0.01), (True, "update", "adamw", 1e-3)])
+def test_dns_keeps_the_evaluated_dot_scores_while_finetuning_moves_them(
+        tmp_path: Path, bias: bool, mode: str, optimizer: str, lr: float) -> None:
+    """``score: dot`` (the CMCL setting: raw dot products, temperature 1, one direction):
+    retrieval ranks by the raw bilinear scores DNS keeps, so the evaluated scores of the old
+    pair stay put after a projected step, biased heads included."""
+    setting = {"score": "dot", "temperature": 1.0, "head_bias": bias,
+               "scores": _evaluated_scores}
+    dns = DNS(DNSConfig(mode=mode, **KEEP_ALL))
+    kept = _score_drift(tmp_path, dns, optimizer, lr=lr, **setting)
+    moved = _score_drift(tmp_path, Finetune(), optimizer, lr=lr, **setting)
+    assert kept < 1e-4
+    assert moved > 100 * max(kept, 1e-7)
+    assert dns.projections > 0
 
 
 def test_update_mode_keeps_old_scores_under_adamw(tmp_path: Path) -> None:
@@ -143,11 +185,12 @@ def test_update_mode_keeps_old_scores_under_adamw(tmp_path: Path) -> None:
     assert grad_mode > 10 * max(kept, 1e-7)  # AdamW's scaling leaves the subspace in grad mode
 
 
-def test_gpm_keeps_old_head_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpm_keeps_old_head_outputs(tmp_path: Path, bias: bool) -> None:
     gpm = GPM(GPMConfig(threshold=0.999999, max_threshold=1.0))
-    kept = _score_drift(tmp_path, gpm, "sgd", lr=0.01)
+    kept = _score_drift(tmp_path, gpm, "sgd", lr=0.01, head_bias=bias)
     assert kept < 1e-4
-    assert gpm.ranks[0]["kept"]["heads.a"] == 3
+    assert gpm.ranks[0]["kept"]["heads.a"] == 3 + bias  # [x, 1]: the bias direction too
 
 
 def test_dns_moments_come_from_the_tasks_own_pair(tmp_path: Path) -> None:
@@ -255,16 +298,18 @@ def test_dense_form_keeps_old_scores_too(tmp_path: Path) -> None:
     assert dns.bases["a"].dense is not None  # projectors built once per task
 
 
-@pytest.mark.parametrize("rank,batch", [(40, 8), (4, 16)])
-def test_batch_rank_form_equals_the_low_rank_projection(tmp_path: Path, rank: int,
-                                                        batch: int) -> None:
+@pytest.mark.parametrize("rank,batch,bias,clip", [(40, 8, False, None), (4, 16, False, None),
+                                                  (40, 8, True, 1e-3)])
+def test_batch_rank_form_equals_the_low_rank_projection(tmp_path: Path, rank: int, batch: int,
+                                                        bias: bool, clip: float | None) -> None:
     """Old data of rank 40 (4) in 64 dimensions and steps of 8 (16) rows: the batch form is
-    cheaper, through the batch rows (through the rank-4 core)."""
+    cheaper, through the batch rows (through the rank-4 core). It projects [∇W | ∇b] of a
+    biased head through [X, 1], and a clipped gradient c Δᵀ X through c Δ."""
     weights = []
     for batch_form in (True, False):
         dns = DNS(DNSConfig(mode="grad", batch_form=batch_form, **KEEP_ALL))
-        trainer = build_trainer(_config(tmp_path, "sgd", 0.01, batch=batch, epochs=2, d=64),
-                                [dns])
+        trainer = build_trainer(_config(tmp_path, "sgd", 0.01, batch=batch, epochs=2, d=64,
+                                        clip=clip, head_bias=bias), [dns])
         trainer.setup(Scenario([
             Task("old", ("a", "b"), _pairs(0, 256, rank, 64), _pairs(1, 64, rank, 64)),
             Task("new", ("a", "c"), _pairs(2, 32, None, 64), _pairs(3, 64, None, 64)),
@@ -272,8 +317,10 @@ def test_batch_rank_form_equals_the_low_rank_projection(tmp_path: Path, rank: in
         for exp in trainer.benchmark.train_stream:
             trainer.train_experience(exp)
         assert (dns.factor_projections > 0) == batch_form
-        assert dns.ranks[-1]["kept"]["a"]["input"] == rank
-        weights.append(trainer.model.heads["a"].weight.detach().clone())
+        assert dns.ranks[-1]["kept"]["a"]["input"] == rank + bias
+        head = trainer.model.heads["a"]
+        weights.append(torch.cat([head.weight.detach()]
+                                 + ([head.bias.detach()[:, None]] if bias else []), dim=1))
     assert torch.allclose(weights[0], weights[1], atol=1e-5)
 
 

@@ -33,8 +33,9 @@ class AvalancheCriterion(nn.Module):
     - logits ``[B, C]`` and classifier rows: cross-entropy over the rows whose class has a
       classifier row (targets -1, classes not learned yet, are left out; 0 if none has one);
     - a pair output ``[B, 2, D]`` and task indices: InfoNCE (``infonce``) between the two
-      L2-normalised embeddings within each task's rows, weighted by its share of the rows (a
-      memory batch may mix tasks; the negatives stay each task's own).
+      embeddings as the model scores them (``model.scored``) within each task's rows,
+      weighted by its share of the rows (a memory batch may mix tasks; the negatives stay each
+      task's own).
 
     ``model()`` gives the model whose logit scale InfoNCE uses (the trainer's may be replaced)."""
 
@@ -50,8 +51,8 @@ class AvalancheCriterion(nn.Module):
                     return output.new_zeros(())
                 output, targets = output[known], targets[known]
             return F.cross_entropy(output, targets)
-        scale = self.model().scale
-        z = F.normalize(output, dim=-1)
+        model = self.model()
+        scale, z = model.scale, model.scored(output)
         tasks = targets.unique()
         if len(tasks) == 1:
             return self.infonce(z[:, 0], z[:, 1], scale)

@@ -10,8 +10,10 @@ from torch import nn
 class InfoNCE(nn.Module):
     """InfoNCE over a batch of B pairs (van den Oord et al. 2018; CLIP, Radford et al. 2021).
 
-    logits = s * A Bᵀ with A, B the [B, D] L2-normalised embeddings and s = 1/temperature;
-    the positive of row i is column i.
+    logits = s * A Bᵀ with A, B the [B, D] embeddings as the model scores them (L2-normalised
+    under ``model.score: cosine``, the heads' raw outputs under ``dot``) and s = 1/temperature;
+    the positive of row i is column i. With ``dot``, ``symmetric: false`` and a fixed temperature
+    of 1 this is the CMCL code's loss.
       one-directional:  L = CE(logits, arange(B))                        (A retrieves B)
       symmetric:        L = (CE(logits, arange(B)) + CE(logitsᵀ, arange(B))) / 2
     """
@@ -36,11 +38,16 @@ class MM(InfoNCE):
       L = InfoNCE(a / ||a||, b, s)
 
     The logit scale s is an argument: COCONUT passes the trained model's own (learnable)
-    scale, so this loss moves it as the task loss does.
+    scale, so this loss moves it as the task loss does. ``normalize=False`` (a model scoring
+    by raw dot products) takes a as it is, and b raw too.
     """
 
+    def __init__(self, symmetric: bool = True, normalize: bool = True) -> None:
+        super().__init__(symmetric)
+        self.normalize = normalize
+
     def forward(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.normalize(a, dim=1), b, scale)
+        return super().forward(F.normalize(a, dim=1) if self.normalize else a, b, scale)
 
 
 class SupCon(nn.Module):
@@ -128,8 +135,9 @@ class FeatureDistill(nn.Module):
 
 
 class RelationDistill(nn.Module):
-    """Instance-relation distillation (Co2L, Cha et al. 2021) on a batch of normalised pairs
-    (a_i, b_i): with similarities S = a bᵀ / τ (student) and T (teacher, likewise),
+    """Instance-relation distillation (Co2L, Cha et al. 2021) on a batch of pairs (a_i, b_i) as
+    the model scores them (normalised under cosine scoring, raw under dot): with similarities
+    S = a bᵀ / τ (student) and T (teacher, likewise),
       L = (mean_i KL(softmax(T_i) || softmax(S_i)) + mean_j KL(softmax(T_j) || softmax(S_j))) / 2
     over rows i (a retrieves b) and columns j (b retrieves a).
     """

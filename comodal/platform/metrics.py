@@ -62,7 +62,9 @@ def retrieval_recalls(
 ) -> dict[str, float]:
     """Recall@k in both directions (a->b and b->a) with the CMCL protocol: ``pool_size``
     randomly drawn test pairs as the candidate pool, averaged over ``draws`` seeded draws,
-    or all pairs once if there are no more than ``pool_size``.
+    or all pairs once if there are no more than ``pool_size``. Candidates rank by the dot
+    products a bᵀ of the rows as given: the trainer passes the model's scored embeddings
+    (unit-norm under ``model.score: cosine``, the heads' raw outputs under ``dot``).
 
     ``groups`` (the ``content_ids`` of the a and b rows) makes duplicate partners count as
     COCO/Flickr retrieval counts any of an image's captions: for query row i, candidate j is
@@ -100,7 +102,8 @@ def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 def zero_shot_accuracy(
     embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor
 ) -> float:
-    """Accuracy of assigning each embedding to its most similar class prototype."""
+    """Accuracy of assigning each embedding to the class prototype with the largest dot
+    product (cosine similarity when both are unit-norm, the raw score under dot scoring)."""
     return accuracy((embeddings @ prototypes.T).argmax(1), labels)
 
 

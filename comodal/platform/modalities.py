@@ -1,7 +1,9 @@
 """Modalities: validation and preprocessing of raw values, collation, and the encoder choice.
 
 This module is the one place that knows what a raw audio, text or vision value looks like and
-how a list of them becomes a batch.
+how a list of them becomes a batch. A modality may have any name (depth, thermal, touch,
+video, ...): audio, text and vision have built-in encoders of raw values, every other name
+takes precomputed features (``encoder: features``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,26 @@ ENCODERS: dict[str, tuple[str, ...]] = {
     "text": ("hf", "embedding-bag", "features"),
     "vision": ("image-stats", "conv", "features"),
 }
+OTHER_ENCODERS = ("features",)  # what any other modality name takes
+
+
+def encoders(name: str) -> tuple[str, ...]:
+    """The encoders modality ``name`` can have."""
+    return ENCODERS.get(name, OTHER_ENCODERS)
+
+
+def check_encoder(name: str, encoder: str) -> None:
+    """Refuse an encoder modality ``name`` does not have, naming the field and the choices; a
+    modality without built-in encoders is told that it needs precomputed features."""
+    where = f"model.modalities.{name}.encoder"
+    if name in ENCODERS and encoder not in ENCODERS[name]:
+        raise ConfigError(f"{where}: unknown value {encoder!r} "
+                          f"(valid: {', '.join(ENCODERS[name])})")
+    if name not in ENCODERS and encoder not in OTHER_ENCODERS:
+        raise ConfigError(
+            f"{where}: {encoder!r} cannot encode {name!r}: built-in encoders of raw values exist "
+            f"for {', '.join(ENCODERS)} only, so modality {name!r} needs precomputed features "
+            f"(encoder: features, dim: <their width>)")
 
 
 class Modality:
@@ -79,8 +101,9 @@ class Modality:
             self.tokenizer = load_hf(self.text_dir(), "tokenizer")
             self.trainable = TextEmbeddingBag(len(self.tokenizer), config.dim)
         elif choice != "features":
+            check_encoder(name, choice)
             raise ConfigError(f"modality {name!r} has no encoder {choice!r} "
-                              f"(valid: {', '.join(ENCODERS[name])})")
+                              f"(valid: {', '.join(encoders(name))})")
 
     def text_dir(self) -> Path:
         return Path(self.config.path) if self.config.path else default_text_model_dir()

@@ -2,8 +2,17 @@
 projection head into one joint space, a temperature, and for class-incremental work a linear
 classifier over the joint space that grows as classes arrive.
 
-Heads are bias-free linear maps (identity-initialised when widths match, as in CMCL) so that
-gradient-projection strategies can reason about them exactly.
+Heads are linear maps, identity-initialised when widths match (as in CMCL; ``head_init``),
+bias-free by default or with a zero-initialised bias (``head_bias``, the CMCL code's): the
+gradient-projection strategies treat a biased head as ``[W | b]`` acting on ``[x, 1]``, so
+they reason about either exactly.
+
+How two joint embeddings are scored is the model's ``score`` (``model.score`` in the config),
+decided here and nowhere else: ``cosine`` compares L2-normalised embeddings, ``dot`` the heads'
+raw outputs (the CMCL code's scores, on which DNS's guarantee holds). ``scored(z)`` puts
+embeddings in the space their scores are dot products in, and ``encode`` does so by default;
+the training losses, retrieval, zero-shot prototypes and the strategies' pair losses and
+features all read embeddings through one of the two.
 """
 
 from __future__ import annotations
@@ -16,11 +25,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comodal.config import HEAD_INITS, SCORES
+from comodal.errors import ConfigError
 from comodal.platform import distributed
 
 
+def init_head(head: nn.Linear, how: str, name: str) -> None:
+    """``identity`` (square heads only), ``orthogonal``, or ``auto``: identity when the head is
+    square, else orthogonal. A bias starts at zero, so that an identity head is the backbone's
+    own embedding."""
+    out_dim, in_dim = head.weight.shape
+    if how == "identity" and in_dim != out_dim:
+        raise ConfigError(f"model.head_init: identity needs every head square, but modality "
+                          f"{name!r} has width {in_dim} and model.joint_dim is {out_dim} (use "
+                          "auto, identity where the widths match, or orthogonal)")
+    if how == "identity" or (how == "auto" and in_dim == out_dim):
+        nn.init.eye_(head.weight)
+    elif how in ("auto", "orthogonal"):
+        nn.init.orthogonal_(head.weight)
+    else:
+        raise ConfigError(f"model.head_init: unknown value {how!r} (valid: "
+                          f"{', '.join(HEAD_INITS)})")
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+
+
 class MultimodalEncoder(nn.Module):
-    """``encode(batch, modality)`` -> L2-normalised joint embeddings ``[B, joint_dim]``.
+    """``encode(batch, modality)`` -> joint embeddings ``[B, joint_dim]`` as the model scores
+    them: L2-normalised (``score="cosine"``) or the heads' raw outputs (``score="dot"``).
 
     ``batch[modality]`` holds either backbone input (trainable encoders) or the backbone's
     output (frozen backbones, whose features were cached before training).
@@ -33,16 +65,19 @@ class MultimodalEncoder(nn.Module):
         encoders: dict[str, nn.Module] | None = None,
         temperature: float = 0.07,
         learnable_temperature: bool = True,
+        score: str = "cosine",
+        head_init: str = "auto",
+        head_bias: bool = False,
     ) -> None:
         super().__init__()
+        if score not in SCORES:
+            raise ConfigError(f"model.score: unknown value {score!r} (valid: {', '.join(SCORES)})")
+        self.score = score
         self.encoders = nn.ModuleDict(encoders or {})
         self.heads = nn.ModuleDict()
         for name, dim in in_dims.items():
-            head = nn.Linear(dim, joint_dim, bias=False)
-            if dim == joint_dim:
-                nn.init.eye_(head.weight)
-            else:
-                nn.init.orthogonal_(head.weight)
+            head = nn.Linear(dim, joint_dim, bias=head_bias)
+            init_head(head, head_init, name)
             self.heads[name] = head
         self.log_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable_temperature
@@ -65,9 +100,23 @@ class MultimodalEncoder(nn.Module):
         """Input to ``modality``'s head: the trainable encoder's output, or ``x`` itself."""
         return self.encoders[modality](x) if modality in self.encoders else x
 
-    def encode(self, batch: dict[str, Any], modality: str, normalize: bool = True) -> torch.Tensor:
-        """Joint embeddings of ``batch[modality]``. Under torchrun each rank encodes its share
-        of the rows and every rank gets all of them (``comodal.platform.distributed``)."""
+    @property
+    def normalizes(self) -> bool:
+        """Whether scores compare L2-normalised embeddings (``cosine``) or raw ones (``dot``)."""
+        return self.score == "cosine"
+
+    def scored(self, z: torch.Tensor) -> torch.Tensor:
+        """Joint embeddings ``z`` (the heads' outputs) as the model scores them: the score of
+        two rows is the dot product of their ``scored`` forms (cosine: unit norm; dot: as
+        they are)."""
+        return F.normalize(z, dim=-1) if self.normalizes else z
+
+    def encode(self, batch: dict[str, Any], modality: str,
+               normalize: bool | None = None) -> torch.Tensor:
+        """Joint embeddings of ``batch[modality]``, by default as the model scores them
+        (``scored``); ``normalize`` True or False asks for unit-norm or raw ones. Under
+        torchrun each rank encodes its share of the rows and every rank gets all of them
+        (``comodal.platform.distributed``)."""
         x = batch[modality]
         world = distributed.current()
         if world is None:
@@ -76,6 +125,8 @@ class MultimodalEncoder(nn.Module):
             n = distributed.rows_of(x)
             local = distributed.take_rows(x, world.share(n))
             z = world.gather(self.heads[modality](self.backbone(local, modality)), n)
+        if normalize is None:
+            return self.scored(z)
         return F.normalize(z, dim=-1) if normalize else z
 
     def forward(self, batch: Any) -> torch.Tensor:
@@ -114,7 +165,8 @@ class MultimodalEncoder(nn.Module):
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Logits over the classes grown so far from joint features ``z`` (before
         normalisation): the classifier on the unit-norm features, times the logit scale, so
-        that it reads the same geometry the contrastive losses shape."""
+        that it reads the geometry cosine-scored contrastive losses shape (under either
+        ``score``: the class-incremental classifier is not a pair score)."""
         return self.classifier(F.normalize(z, dim=-1)) * self.scale
 
     def class_rows(self, labels: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,9 @@ def build_model(config: RunConfig, modalities: dict) -> MultimodalEncoder:
         encoders=encoders,
         temperature=config.model.temperature,
         learnable_temperature=config.model.learnable_temperature,
+        score=config.model.score,
+        head_init=config.model.head_init,
+        head_bias=config.model.head_bias,
     )
 
 

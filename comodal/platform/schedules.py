@@ -1,10 +1,15 @@
 """Learning-rate schedules within a task (``train.scheduler``), stepped once per optimizer
-step: an optional linear warmup, then constant-step decay or a cosine down to ``min_lr``.
+step: an optional linear warmup, then constant-step decay, a cosine down to ``min_lr`` or a
+linear decay towards it.
 
-Iteration ``i`` of a task (0-based, ``steps_per_epoch * epochs`` in all) trains at
+Iteration ``i`` of a task (0-based, ``n = steps_per_epoch * epochs`` in all) trains at
 ``lr * (i + 1) / W`` during the ``W = round(warmup_epochs * steps_per_epoch)`` warmup
-iterations; after them ``step`` multiplies ``lr`` by ``gamma`` every ``step_epochs`` epochs
-and ``cosine`` falls from ``lr`` to ``min_lr``, which the task's last iteration trains at.
+iterations; after them ``step`` multiplies ``lr`` by ``gamma`` every ``step_epochs`` epochs,
+``cosine`` falls from ``lr`` to ``min_lr``, which the task's last iteration trains at, and
+``linear`` trains iteration ``i`` at ``min_lr + (lr - min_lr) * (n - i) / (n - W)``: equal steps
+from ``lr`` towards ``min_lr``, which it would reach one iteration after the task's last (with
+``min_lr = 0`` and no warmup, the Hugging Face Trainer's linear schedule, which the CMCL code
+trains with, a fresh one per task).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def _factor(config: SchedulerConfig, base: float, total: int, warmup: int,
             return (i + 1) / warmup
         if config.name == "step":
             return config.gamma ** ((i - warmup) // max(1, step))
+        if config.name == "linear":
+            return floor + (1 - floor) * (total - i) / max(1, total - warmup)
         progress = min(1.0, (i - warmup) / decay)
         return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
 

@@ -66,8 +66,9 @@ class ClassifyOutput(NamedTuple):
 
 
 class PairOutput(tuple):
-    """A pair task's two L2-normalised joint embeddings; ``raw`` holds them before
-    normalisation (Avalanche's view of the output, ``mb_output``, stacks those)."""
+    """A pair task's two joint embeddings as the model scores them (``model.scored``:
+    L2-normalised under ``score: cosine``, raw under ``dot``); ``raw`` holds the heads' outputs
+    (Avalanche's view of the output, ``mb_output``, stacks those)."""
 
     raw: tuple[torch.Tensor, torch.Tensor]
 
@@ -262,12 +263,19 @@ class Trainer:
         return Scenario(tasks)
 
     def _class_inputs(self, task: Any) -> Any:
-        """Prepared text of each class of ``task`` (zero-shot prototypes), or None."""
-        if not task.class_texts or "text" not in self.modalities:
+        """Prepared text of each class of ``task`` (zero-shot prototypes): its class texts, or
+        its stored class text features (CMCL class files, through the text head), or None."""
+        stored = getattr(task, "class_features", None)
+        if (not task.class_texts and stored is None) or "text" not in self.modalities:
             return None
+        if stored is not None and self.modalities["text"].config.encoder != "features":
+            raise ConfigError(f"task {task.name!r}: its class texts are stored features, so "
+                              "model.modalities.text needs encoder: features (with their dim)")
         classes = MultimodalDataset(
-            name=f"{task.name} classes", fingerprint="class-texts:" + "|".join(task.class_texts),
-            columns={"text": list(task.class_texts)},
+            name=f"{task.name} classes",
+            fingerprint=f"class-features:{task.name}" if stored is not None
+            else "class-texts:" + "|".join(task.class_texts),
+            columns={"text": stored if stored is not None else list(task.class_texts)},
         )
         prepared = prepare_dataset(classes, "classes", {"text": self.modalities["text"]},
                                    self.cache)
@@ -554,18 +562,25 @@ class Trainer:
             z = model.encode(batch, task.modalities[0], normalize=False)
             return ClassifyOutput(model.classify(z), z)
         raw = tuple(model.encode(batch, m, normalize=False) for m in task.modalities)
-        out = PairOutput(F.normalize(z, dim=-1) for z in raw)
+        out = PairOutput(model.scored(z) for z in raw)
         out.raw = raw
         return out
 
     def task_loss(self, batch: dict[str, Any], output: Any) -> torch.Tensor:
-        """InfoNCE over a pair batch; cross-entropy over the classes seen so far otherwise."""
+        """InfoNCE over a pair batch (logits: the scored embeddings' dot products times the
+        logit scale); cross-entropy over the classes seen so far otherwise."""
         if isinstance(output, ClassifyOutput):
             return F.cross_entropy(output.logits, self.model.class_rows(batch["label"]))
         return self.criterion(*output, self.model.scale)
 
     def training_step(self) -> None:
-        """The one place that calls ``zero_grad``, ``backward`` and ``step``."""
+        """The one place that calls ``zero_grad``, ``backward`` and ``step``. After backward
+        the gradients are reduced over ranks (torchrun), unscaled (16-mixed), clipped to
+        ``train.clip_grad_norm`` (their global norm over the trainable parameters), and only
+        then handed to the ``after_backward`` hooks (projection strategies), ``before_update``
+        and the optimizer: clipping before projecting, as the CMCL code (the Hugging Face
+        Trainer clips before its pre-optimizer-step callback, where DNS projects). A
+        projection never raises the norm (it is an orthogonal projection of the gradient)."""
         self._call("before_training_iteration")
         self.optimizer.zero_grad(set_to_none=True)
         self.loss = torch.zeros((), device=self.device)  # plugins may add to it from here on
@@ -582,6 +597,10 @@ class Trainer:
         self.precision.scale(self.loss).backward()
         self.reduce_gradients()
         self.precision.unscale_(self.optimizer)  # 16-mixed: plugins see the true gradients
+        if self.train_cfg.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad],
+                self.train_cfg.clip_grad_norm)
         self._call("after_backward")
         self._call("before_update")
         if self._rehome:
@@ -608,8 +627,9 @@ class Trainer:
     @torch.no_grad()
     def embed(self, task_id: int) -> dict[str, torch.Tensor]:
         """Every batch of ``dataloader`` (task ``task_id``'s test rows) through ``forward``,
-        on the CPU: each modality's L2-normalised joint embeddings for a pair task, the
-        classified modality's logits for a classify task. With Avalanche metrics attached,
+        on the CPU: each modality's joint embeddings as the model scores them for a pair task
+        (``model.scored``: L2-normalised under cosine scoring, raw under dot), the classified
+        modality's logits for a classify task. With Avalanche metrics attached,
         each batch's loss is computed too (``_criterion`` of ``mb_output`` and ``mb_y``)."""
         task = self.scenario.tasks[task_id]
         keys = task.modalities[:1] if task.kind == "classify" else task.modalities
@@ -680,7 +700,9 @@ class Trainer:
 
     def task_metrics(self, task_id: int) -> dict[str, float]:
         """One task's test metrics: accuracy for a classify task; recalls (and zero-shot
-        accuracy where the task has labels and class texts) for a pair task."""
+        accuracy where the task has labels and class texts) for a pair task, both ranking by
+        the model's scores (dot products of ``model.scored`` embeddings; the prototypes are
+        the text head's embeddings of the class texts, scored alike)."""
         task = self.scenario.tasks[task_id]
         if task.kind == "classify":
             return {"accuracy": self.class_accuracy(task_id)}

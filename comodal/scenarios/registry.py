@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from comodal.config import DataConfig, RunConfig
+from comodal.config import DataConfig, RunConfig, check_choice, task_rows
 from comodal.core.data import MultimodalDataset
 from comodal.entry_points import load_entry_points
 from comodal.errors import ConfigError
+from comodal.scenarios import cmcl
 from comodal.scenarios.task import Scenario, Task
 
 
@@ -29,6 +30,7 @@ class Splits:
     class_names: list[str] | None = None
     class_texts: list[str] | None = None
     class_groups: list[str] | None = None  # a group per class (SLURP: the scenario)
+    class_features: torch.Tensor | None = None  # [classes, d] stored class text features
 
 
 @dataclass(frozen=True)
@@ -45,16 +47,17 @@ _DATASETS: dict[str, DatasetSpec] = {}
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     """Make ``spec`` usable as ``scenario...dataset: <spec.name>``; a name already taken by
-    another spec, or one under ``features/`` (the bring-your-own-features datasets), is
-    refused, so a plugin cannot silently replace a dataset (the same builder defined again, by
-    a reloaded module, replaces the old spec)."""
+    another spec, or one under ``features/`` or ``cmcl/`` (the bring-your-own-features and
+    CMCL datasets), is refused, so a plugin cannot silently replace a dataset (the same
+    builder defined again, by a reloaded module, replaces the old spec)."""
     if not isinstance(spec, DatasetSpec):
         raise ConfigError(f"register_dataset: expected a comodal.scenarios.registry.DatasetSpec, "
                           f"got {spec!r}")
     where = f"register_dataset: {spec.name!r}"
-    if not isinstance(spec.name, str) or not spec.name or spec.name.startswith("features/"):
-        raise ConfigError(f"{where}: the name must be a non-empty string outside features/ "
-                          "(reserved for data.features)")
+    if not isinstance(spec.name, str) or not spec.name \
+            or spec.name.startswith(("features/", cmcl.PREFIX)) or ":" in spec.name:
+        raise ConfigError(f"{where}: the name must be a non-empty string without ':' outside "
+                          "features/ and cmcl/ (reserved for data.features and data.cmcl)")
     if not spec.modalities or not all(isinstance(m, str) for m in spec.modalities):
         raise ConfigError(f"{where}: modalities must name at least one modality, "
                           f"got {spec.modalities!r}")
@@ -83,21 +86,68 @@ def _load() -> None:
 
 
 def dataset_names(data: DataConfig | None = None) -> list[str]:
-    """Registered datasets, and ``features/<name>`` for each of ``data.features``."""
+    """Registered datasets, ``features/<name>`` for each of ``data.features``, and, where
+    ``data.cmcl.root`` is set, ``cmcl/<name>`` for the CMCL datasets and those it declares."""
     _load()
     extra = [f"features/{k}" for k in (data.features if data is not None else {})]
+    if data is not None and data.cmcl.root is not None:
+        extra += [f"{cmcl.PREFIX}{k}" for k in {**cmcl.ROWS, **data.cmcl.modalities}]
     return sorted(_DATASETS) + extra
 
 
 def dataset_spec(name: str, data: DataConfig | None = None) -> DatasetSpec:
-    """The spec of dataset ``name`` (a ``features/<name>`` one from ``data``)."""
+    """The spec of dataset ``name`` (a ``features/<name>`` or ``cmcl/<name>`` one from
+    ``data``)."""
     _load()
     key = name.removeprefix("features/")
     if data is not None and name.startswith("features/") and key in data.features:
         return DatasetSpec(name, tuple(data.features[key].modalities), _features_builder(key))
+    if data is not None and data.cmcl.root is not None and name.startswith(cmcl.PREFIX):
+        return resolve_task(name, [], data, "dataset").spec
     if name not in _DATASETS:
         raise KeyError(f"unknown dataset {name!r} (valid: {', '.join(dataset_names(data))})")
     return _DATASETS[name]
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    """What a task's ``dataset`` and ``modalities`` mean: the dataset (without ``:i,j``), the
+    task's modalities, the spec, and ``key``, the same for tasks that share the built data."""
+
+    dataset: str
+    modalities: tuple[str, ...]
+    spec: DatasetSpec
+    key: tuple
+
+
+def resolve_task(dataset: str, modalities: list[str], data: DataConfig,
+                 where: str) -> ResolvedTask:
+    """Check a task's (or class-incremental stream's) dataset and modalities and resolve them:
+    ``cmcl/<name>`` datasets take row indices (``:i,j``), modality names or neither; every other
+    dataset names modalities it has. Mistakes are ``ConfigError``s at ``where``."""
+    base, rows = task_rows(dataset, f"{where}.dataset")
+    if base.startswith(cmcl.PREFIX):
+        name = base.removeprefix(cmcl.PREFIX)
+        found = cmcl.resolve(name, rows, modalities, data.cmcl, where)
+        table = tuple(m for _, m in found.naming)
+
+        def build(data: DataConfig, progress: bool) -> Splits:
+            loaded = cmcl.load(name, data.cmcl, found)
+            return Splits(loaded.train, loaded.test, class_names=loaded.class_names,
+                          class_features=loaded.class_features)
+
+        return ResolvedTask(base, found.modalities, DatasetSpec(base, table, build),
+                            (base, found.naming))
+    if rows is not None:
+        raise ConfigError(f"{where}.dataset: {dataset!r}: row indices (:i,j) pick rows of CMCL "
+                          f"feature files (cmcl/<name>:i,j); name the modalities of {base!r}")
+    check_choice(f"{where}.dataset", base, dataset_names(data))
+    spec = dataset_spec(base, data)
+    for m in modalities:
+        if m not in spec.modalities:
+            raise ConfigError(f"{where}.modalities: dataset {base!r} has no modality {m!r} "
+                              f"(it has: {', '.join(spec.modalities)})")
+    return ResolvedTask(base, tuple(modalities), spec, (base,))
 
 
 def _features_builder(key: str) -> Callable[[DataConfig, bool], Splits]:
@@ -117,22 +167,40 @@ def build_scenario(config: RunConfig) -> Scenario:
     """The scenario a run config describes (datasets are built or loaded from the cache)."""
     ci = config.scenario.class_incremental
     if ci is not None:
-        splits = dataset_spec(ci.dataset, config.data).build(config.data, config.progress)
+        where = "scenario.class_incremental"
+        resolved = resolve_task(ci.dataset, ci.modalities, config.data, where)
+        splits = _built(resolved, config, where, {})
         order, increments = ci.order, ci.increments
         if ci.groups_per_task:
             order, increments = group_order(splits, ci.groups_per_task)
-        return class_incremental(splits, ci.dataset, tuple(ci.modalities), increments, order,
+        return class_incremental(splits, ci.dataset, resolved.modalities, increments, order,
                                  ci.subset)
     tasks, built = [], {}
     for i, tc in enumerate(config.scenario.tasks):
-        if tc.dataset not in built:
-            built[tc.dataset] = dataset_spec(tc.dataset, config.data).build(config.data,
-                                                                            config.progress)
-        splits = built[tc.dataset]
-        name = tc.name or f"{i + 1}:{tc.dataset.split('/')[-1]}:{'-'.join(tc.modalities)}"
-        tasks.append(Task(name, tuple(tc.modalities), splits.train, splits.test,
-                          splits.class_names, splits.class_texts))
+        where = f"scenario.tasks[{i}]"
+        resolved = resolve_task(tc.dataset, tc.modalities, config.data, where)
+        splits = _built(resolved, config, where, built)
+        name = tc.name or (f"{i + 1}:{resolved.dataset.split('/')[-1]}:"
+                           f"{'-'.join(resolved.modalities)}")
+        tasks.append(Task(name, resolved.modalities, splits.train, splits.test,
+                          splits.class_names, splits.class_texts,
+                          class_features=splits.class_features))
     return Scenario(tasks)
+
+
+def _built(resolved: ResolvedTask, config: RunConfig, where: str, built: dict) -> Splits:
+    """The task's data, built once per ``resolved.key``; a CMCL dataset's feature width is
+    checked against the model's modalities, naming the file."""
+    if resolved.key not in built:
+        built[resolved.key] = resolved.spec.build(config.data, config.progress)
+    splits = built[resolved.key]
+    if resolved.dataset.startswith(cmcl.PREFIX):
+        dims = {m: c.dim for m, c in config.model.modalities.items() if c.encoder == "features"}
+        loaded = cmcl.CMCLData(splits.train, splits.test, splits.class_names,
+                               splits.class_features)
+        cmcl.check_widths(resolved.dataset.removeprefix(cmcl.PREFIX), config.data.cmcl, loaded,
+                          resolved.modalities, dims, where)
+    return splits
 
 
 def class_groups(num_classes: int, increments: list[int], order: list[int] | None = None,
@@ -208,5 +276,6 @@ def class_incremental(splits: Splits, dataset: str, modalities: tuple[str, ...],
                  for data in (splits.train, splits.test)]
         name = f"{i + 1}:classes " + "+".join(map(str, classes))
         tasks.append(Task(name, modalities, parts[0], parts[1], splits.class_names,
-                          splits.class_texts, kind="classify", classes=classes))
+                          splits.class_texts, kind="classify", classes=classes,
+                          class_features=splits.class_features))
     return Scenario(tasks)

@@ -17,7 +17,8 @@ KINDS = ("pair", "classify")
 @dataclass
 class Task:
     """A modality pair trained on ``train`` and evaluated on ``test``; labelled tasks also
-    name their classes and the text used for each class (zero-shot prototypes).
+    name their classes and the text used for each class (zero-shot prototypes), or give each
+    class's text as stored features ``class_features`` ``[classes, d]`` (CMCL class files).
 
     A ``classify`` task (class-incremental) brings the new classes ``classes``: its first
     modality is classified over every class seen so far, an optional second one (the
@@ -31,6 +32,7 @@ class Task:
     class_texts: list[str] | None = None
     kind: str = "pair"
     classes: list[int] | None = None
+    class_features: Any = None  # a torch.Tensor [classes, d], or None
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)

@@ -1,5 +1,7 @@
-"""The batch-factor form of a dual-sided projection: a bias-free linear layer's gradient is
-G = Δᵀ X (the step's inputs X, output gradients Δ), so G - V Vᵀ G U Uᵀ can go through X and Δ."""
+"""The batch-factor form of a dual-sided projection: a linear layer's gradient is G = Δᵀ X (the
+step's inputs X, output gradients Δ; for a layer with a bias, G = [∇W | ∇b] and X = [X, 1]),
+so G - V Vᵀ G U Uᵀ can go through X and Δ. Gradient clipping scales G by a constant c, which
+the factors absorb (G = Δᵀ (c X))."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from comodal.strategies.projection import dual_flops
+from comodal.strategies.projection import augmented, dual_flops, layer_matrix, set_layer_matrix
 
 
 def factor_flops(n: int, out_dim: int, in_dim: int, k_out: int, k_in: int) -> int:
@@ -39,8 +41,9 @@ def subtract_dual_factors_(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
 
 
 class BatchFactors:
-    """Each step's X and Δ of some bias-free linear layers, caught by hooks; valid while G is
-    Δᵀ X (a penalty on the weights breaks that, which a fixed random probe per layer checks)."""
+    """Each step's X and Δ of some linear layers, caught by hooks; valid while G is c Δᵀ X for
+    a scalar c (clipping; a penalty on the weights breaks that, which a fixed random probe per
+    layer checks)."""
 
     def __init__(self, layers: dict[str, nn.Linear], seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -50,7 +53,8 @@ class BatchFactors:
         for name, layer in layers.items():
             self.entries[name] = []
             weight = layer.weight
-            self.probes[name] = torch.randn(weight.shape[1], 1, generator=generator).to(weight)
+            width = weight.shape[1] + (layer.bias is not None)  # [W | b] acts on [x, 1]
+            self.probes[name] = torch.randn(width, 1, generator=generator).to(weight)
             self.handles.append(layer.register_forward_hook(self._recorder(name)))
 
     def _recorder(self, name: str) -> Any:
@@ -75,20 +79,28 @@ class BatchFactors:
 
     def project_(self, name: str, layer: nn.Linear, u_in: torch.Tensor, v_out: torch.Tensor,
                  form: str) -> bool:
-        """G - V Vᵀ G U Uᵀ on ``layer``'s gradient through the step's factors, if it is Δᵀ X
-        and that costs less than the weight form ``form``; whether it did."""
+        """G - V Vᵀ G U Uᵀ on ``layer``'s gradient (``[∇W | ∇b]`` with a bias) through the
+        step's factors, if it is c Δᵀ X and that costs less than the weight form ``form``;
+        whether it did."""
         entries = self.entries.get(name)
         if not entries or any(delta is None for _, delta in entries):
             return False
-        x = torch.cat([e[0] for e in entries])
+        x = augmented(torch.cat([e[0] for e in entries]), layer)
         delta = torch.cat([e[1] for e in entries])
-        grad = layer.weight.grad
+        biased = layer.bias is not None
+        grad = layer_matrix(layer, grad=True) if biased else layer.weight.grad
         probe = self.probes[name]
-        if not torch.allclose(grad @ probe, delta.T @ (x @ probe), rtol=1e-4, atol=1e-6):
-            return False  # something else also edited the gradient: it is not Δᵀ X
-        (out_dim, in_dim), k_in, k_out = layer.weight.shape, u_in.shape[1], v_out.shape[1]
+        seen, factored = grad @ probe, delta.T @ (x @ probe)
+        if not torch.allclose(seen, factored, rtol=1e-4, atol=1e-6):  # clipped (c < 1)?
+            c = (seen * factored).sum() / (factored * factored).sum().clamp_min(1e-30)
+            if not torch.allclose(seen, c * factored, rtol=1e-4, atol=1e-6):
+                return False  # something else also edited the gradient: it is not c Δᵀ X
+            delta = c * delta
+        (out_dim, in_dim), k_in, k_out = grad.shape, u_in.shape[1], v_out.shape[1]
         if (factor_flops(len(x), out_dim, in_dim, k_out, k_in)
                 >= dual_flops(out_dim, in_dim, k_out, k_in)[form]):
             return False
         subtract_dual_factors_(grad, x, delta, u_in, v_out)
+        if biased:
+            set_layer_matrix(layer, grad, grad=True)
         return True

@@ -5,7 +5,9 @@ ACL Findings 2024): experience replay plus two losses, for class-incremental tas
   teacher (the model at the task's start), negatives from the student (``NSPT`` in
   ``comodal.platform.losses``; ``negatives: teacher`` is the NTPT ablation);
 - MM, InfoNCE between each utterance's embedding and its transcript's (the task's second
-  modality), over the whole batch (``MM`` there).
+  modality), over the whole batch (``MM`` there), scored as the model scores pairs
+  (``model.score``: cosine, or raw dot products). NSPT and the classifier keep unit-norm
+  features under either score.
 
 Total: task loss + λ₁·NSPT + λ₂·MM (``nspt_weight``, ``mm_weight``). The teacher is the
 trainer's, shared with ``kd``; it needs no checkpointing: it is the model as saved at the end
@@ -59,7 +61,7 @@ class COCONUT(ER):
                               f"task {task.name!r} names only {task.modalities[0]!r} (add one "
                               "to scenario.class_incremental.modalities or set "
                               "strategy_args.coconut.mm_weight: 0)")
-        self.mm = MM(strategy.criterion.symmetric)
+        self.mm = MM(strategy.criterion.symmetric, normalize=strategy.model.normalizes)
         super().before_training_exp(strategy, **kwargs)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:

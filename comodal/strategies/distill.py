@@ -152,7 +152,9 @@ class KD(Strategy):
 @dataclass
 class RelationKDConfig:
     weight: float = 1.0
-    temperature: float = 0.1  # of both similarity softmaxes (cosine similarities / τ)
+    # of both similarity softmaxes (the model's scores / τ: cosine similarities, or raw dot
+    # products under model.score: dot)
+    temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if self.weight < 0 or self.temperature <= 0:

@@ -5,7 +5,11 @@ Per modality m: C_m, the second moment of m's head inputs over past tasks that u
 C̃_m, the second moment of m's partners' projected embeddings, both count-weighted. Before a
 task, P_m and P̃_m project onto their leading eigenvectors; every step each active head's
 gradient becomes G - P̃ G P, so for an old input x in range(P) and an old partner embedding y
-in range(P̃), yᵀ ΔW x = 0: old cross-modal scores do not move to first order.
+in range(P̃), yᵀ ΔW x = 0: old cross-modal scores do not move to first order. The scores are
+the raw bilinear ones, (W_A x_A)ᵀ(W_B x_B), which ``model.score: dot`` trains and evaluates;
+under cosine scoring a norm change the projection allows still moves rankings. A head with a
+bias is ``[W | b]`` acting on ``[x, 1]``: its input moments are of the augmented inputs, and
+the projection applies to ``[W | b]`` (``layer_matrix``).
 
 Unlike the reference code, the moments come from the task's own pair, the thresholds are
 scale-aware and reported, and ``mode: update`` projects the optimizer's actual parameter change
@@ -35,8 +39,10 @@ from comodal.strategies.projecting import MODES, ProjectingStrategy
 from comodal.strategies.projection import (
     FORMS,
     RULES,
+    augmented,
     choose_form,
     input_moments,
+    layer_matrix,
     linear_layers,
     principal_basis,
     subtract_dual_,
@@ -60,7 +66,7 @@ PRESETS = {
 class HeadBasis(NamedTuple):
     """A head's protected subspaces for the current task and the form that projects them."""
 
-    u: torch.Tensor  # input side, [in, k]
+    u: torch.Tensor  # input side, [in, k] ([in + 1, k] for a head with a bias)
     v: torch.Tensor  # output side, [out, k̃]
     form: str
     dense: tuple[torch.Tensor, torch.Tensor] | None  # (V Vᵀ, U Uᵀ) when the form is dense
@@ -149,13 +155,12 @@ class DNS(ProjectingStrategy):
             v = union_basis(*(principal_basis(s / self.count[m], cfg.output_rule,
                                               cfg.output_threshold)
                               for s in self.output_moments(model, m)))
-            weight = model.heads[m].weight
-            form = choose_form(weight.shape[0], weight.shape[1], v.shape[1], u.shape[1],
-                               cfg.form)
+            out_dim, in_dim = v.shape[0], u.shape[0]  # in_dim counts a bias column
+            form = choose_form(out_dim, in_dim, v.shape[1], u.shape[1], cfg.form)
             dense = (v @ v.T, u @ u.T) if form == "dense" else None  # built once per task
             self.bases[m] = HeadBasis(u, v, form, dense)
-            report[m] = {"input": u.shape[1], "input_dim": weight.shape[1],
-                         "output": v.shape[1], "output_dim": weight.shape[0], "form": form}
+            report[m] = {"input": u.shape[1], "input_dim": in_dim,
+                         "output": v.shape[1], "output_dim": out_dim, "form": form}
         self.layer_bases = {
             name: principal_basis(s / self.layer_count[name], cfg.input_rule, cfg.input_threshold)
             for name, s in self.layer_moments.items()
@@ -207,9 +212,9 @@ class DNS(ProjectingStrategy):
         for key, moment in self.partner_inputs.items():
             owner, partner = key.split("|")
             if owner == m and partner != m:
-                w = model.heads[partner].weight
+                w = layer_matrix(model.heads[partner])  # [W | b] on [x, 1] moments
                 partners = partners + w @ moment @ w.T
-        w = model.heads[m].weight
+        w = layer_matrix(model.heads[m])
         return [partners] + ([w @ self.moment_in[m] @ w.T] if keep_norms else [])
 
     def targets(self, strategy: Any) -> list[tuple[str, torch.nn.Linear, Any]]:
@@ -254,7 +259,8 @@ class DNS(ProjectingStrategy):
         def absorb(batch: dict[str, Any]) -> None:
             batch = distributed.local_batch(batch, (a, b))  # under torchrun: this rank's rows
             x = {m: model.backbone(batch[m], m) for m in (a, b)}
-            xx = {m: x[m].T @ x[m] for m in (a, b)}
+            aug = {m: augmented(x[m], model.heads[m]) for m in (a, b)}  # [x, 1] with a bias
+            xx = {m: aug[m].T @ aug[m] for m in (a, b)}
             z = {m: model.heads[m](x[m]) for m in (a, b)} if snapshot else {}
             for m, partner in ((a, b), (b, a)):
                 self._add(new["moment_in"], m, xx[m])

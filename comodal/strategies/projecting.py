@@ -34,7 +34,8 @@ class ProjectingStrategy(Strategy):
     def _apply(self, layer: torch.nn.Linear, basis: Any, grad: bool,
                old: torch.Tensor | None = None) -> None:
         """Project the layer's gradient (``grad``) or its change since ``old``. Bias-free layers
-        (every head) are edited in place; a bias joins the weight as ``[W | b]``."""
+        (the heads, unless ``model.head_bias``) are edited in place; a bias joins the weight as
+        ``[W | b]``."""
         self.projections += 1
         if layer.bias is None:
             target = layer.weight.grad if grad else layer.weight.data

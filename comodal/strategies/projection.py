@@ -115,6 +115,13 @@ def subtract_input_(target: torch.Tensor, source: torch.Tensor, u_in: torch.Tens
         target.addmm_(source @ u_in, u_in.T, alpha=-1)
 
 
+def augmented(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``[x, 1]``, the input ``[W | b]`` acts on, for a layer with a bias; ``x`` without one."""
+    if layer.bias is None:
+        return x
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
 def layer_matrix(layer: nn.Linear, grad: bool = False) -> torch.Tensor:
     """``[W | b]``: the layer as one matrix acting on ``[x, 1]`` (its weight alone if no bias),
     so that protecting the span of old augmented inputs also covers the bias."""

@@ -126,7 +126,8 @@ class ER(Strategy):
         modalities = task.modalities[:1] if task.kind == "classify" else task.modalities
 
         def features() -> torch.Tensor:
-            """Each row's joint embeddings, side by side."""
+            """Each row's joint embeddings as the model scores them (unit-norm, or raw under
+            dot scoring), side by side: ``mean`` and ``herding`` select in that space."""
             return torch.cat([torch.cat([strategy.model.encode(batch, m) for m in modalities],
                                         dim=1).cpu()
                               for batch in strategy.statistics_pass(index)])
