@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from comodal.config import load_config
+from comodal.config import EXECUTORS, load_config
 from comodal.errors import ComodalError, ConfigError
 
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                                                             "from the config's seed on")
     comp.add_argument("--workers", type=int, default=None, metavar="K",
                       help="local executor: runs at once (default 1)")
-    comp.add_argument("--executor", choices=("local", "ray"), default="local",
+    comp.add_argument("--executor", choices=EXECUTORS, default="local",
                       help="local: runs in this machine's processes (default); ray: each run "
                            "a Ray task, on a local Ray instance or the cluster at --address "
                            "(needs pip install -e '.[ray]'; --out must then be on a "

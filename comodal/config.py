@@ -240,6 +240,7 @@ SCHEDULERS = ("none", "cosine", "step", "linear")
 SCORES = ("cosine", "dot")  # model.score (comodal.platform.model)
 HEAD_INITS = ("auto", "identity", "orthogonal")  # model.head_init
 PRECISIONS = ("32", "bf16", "16-mixed")  # train.precision (comodal.platform.precision)
+EXECUTORS = ("local", "ray")  # compare --executor (comodal.platform.compare)
 
 
 def _type_name(tp: Any) -> str:

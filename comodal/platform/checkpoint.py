@@ -127,10 +127,7 @@ def restore(trainer: Any, state: dict[str, Any]) -> list:
     if state["optimizer"] is not None:
         trainer.optimizer = trainer.make_optimizer()  # over the grown classifier's parameters
         trainer.optimizer.load_state_dict(state["optimizer"])
-    plugins, states = stateful(trainer.plugins), state["strategies"]
-    if len(states) > len(plugins) and not any(states[len(plugins):]):
-        states = states[: len(plugins)]  # an older checkpoint listed the TensorBoard writer
-    for plugin, plugin_state in zip(plugins, states, strict=True):
+    for plugin, plugin_state in zip(stateful(trainer.plugins), state["strategies"], strict=True):
         if plugin_state is not None:
             plugin.load_state_dict(plugin_state)
     trainer.precision.load_state_dict(state.get("scaler"))

@@ -27,14 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from comodal.build import check, stateless_plugins
-from comodal.config import RunConfig, from_dict
+from comodal.config import EXECUTORS, RunConfig, from_dict
 from comodal.errors import ConfigError
 from comodal.platform import checkpoint
 from comodal.platform.results import RESULTS_FORMAT, read_run, results_format
 from comodal.yaml_input import config_diff, read_yaml
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-EXECUTORS = ("local", "ray")
 
 
 @dataclasses.dataclass(frozen=True)

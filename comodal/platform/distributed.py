@@ -7,7 +7,8 @@ embeddings with gradients (``gather``), so every loss sees the whole batch and i
 identically on every rank. The backward of a gather sums the gathered gradient over ranks, so a
 rank's gradient is N times its rows' share plus the terms every rank computes in full (the
 temperature, a classifier on gathered features, a weight penalty); their mean over ranks
-(``reduce_gradients``, one all-reduce per step) is the one-process gradient exactly.
+(``reduce_gradients``, one all-reduce per bucket of 2^24 elements, once a step) is the
+one-process gradient exactly.
 
 ``torch.nn.parallel.DistributedDataParallel`` is not used as the wrapper: it synchronises
 gradients for one ``forward`` per ``backward`` over a fixed set of parameters, and a comodal
@@ -178,8 +179,6 @@ _WORLD: World | None = None
 def current() -> World | None:
     """This process's ``World`` under torchrun, None in a one-process run."""
     return _WORLD
-
-
 
 
 def launched() -> bool:

@@ -102,8 +102,6 @@ class Modality:
             self.trainable = TextEmbeddingBag(len(self.tokenizer), config.dim)
         elif choice != "features":
             check_encoder(name, choice)
-            raise ConfigError(f"modality {name!r} has no encoder {choice!r} "
-                              f"(valid: {', '.join(encoders(name))})")
 
     def text_dir(self) -> Path:
         return Path(self.config.path) if self.config.path else default_text_model_dir()
