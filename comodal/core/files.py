@@ -41,6 +41,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def file_stamp(path: Path) -> str:
+    """A file's resolved path, size and modification time: what a fingerprint of data read
+    from it records, so that replacing the file changes the fingerprint."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def source_digest(obj: object) -> str:
     """Digest of an extractor's source code, so that editing it invalidates cached features."""
     return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]

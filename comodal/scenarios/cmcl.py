@@ -31,15 +31,14 @@ import torch
 
 from comodal.config import FILE_PART, CMCLConfig, check_modality_name
 from comodal.core.data import MultimodalDataset
+from comodal.core.files import file_stamp
 from comodal.errors import ConfigError, DataError
 from comodal.scenarios.features import _check_file, _preview
 
 PREFIX = "cmcl/"
 SPLITS = ("train", "test")
-# the authors' canonical order of modalities, in comodal's names (their tactile is touch)
-CANONICAL = ("vision", "text", "audio", "thermal", "depth", "imu", "video", "touch", "point")
-AUTHOR_NAMES = {"tactile": "touch"}
-# the rows of each dataset of the authors' stream: its modalities in the canonical order
+# the rows of each dataset of the authors' stream: its modalities in the canonical order, in
+# comodal's names (the authors' tactile is touch)
 ROWS: dict[str, tuple[str, ...]] = {
     "ucf101": ("text", "video"),
     "esc50": ("text", "audio"),
@@ -51,9 +50,6 @@ ROWS: dict[str, tuple[str, ...]] = {
 }
 # the datasets whose class file the authors' evaluation reads (the others are retrieval only)
 LABELLED = ("nyudv2", "vggsound_s", "ucf101", "esc50")
-# the authors' 11-task stream (training.py), as comodal tasks
-STREAM = ("ucf101", "esc50", "nyudv2:0,2", "clotho", "vggsound_s:0,1", "vggsound_s:0,2",
-          "vggsound_s:1,2", "tvl:0,2", "tvl:1,2", "tvl:0,1", "llvip")
 
 
 def path(cfg: CMCLConfig, name: str, split: str) -> Path:
@@ -255,8 +251,7 @@ def load(name: str, cfg: CMCLConfig, resolved: Resolved) -> CMCLData:
     digest = hashlib.sha256()
     for file in files.values():
         if file.exists():
-            stat = file.stat()
-            digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(file_stamp(file).encode())
     rows = ",".join(f"{r}{n}" for r, n in resolved.naming)
     fingerprint = f"cmcl-{name}-{cfg.backbone}-{digest.hexdigest()[:12]}-{rows}"
 

@@ -27,6 +27,7 @@ import torch
 
 from comodal.config import FeaturesConfig
 from comodal.core.data import MultimodalDataset, non_finite_rows
+from comodal.core.files import file_stamp
 from comodal.errors import DataError
 
 SPLITS = ("train", "test")
@@ -176,8 +177,7 @@ def load_features(name: str, cfg: FeaturesConfig) -> tuple[MultimodalDataset, Mu
                                     f"{got!r} where {index} line {row + 2} has {want!r}")
         check_finite(array, path, ids, index, f"{where}.modalities.{modality}")
         columns[modality] = array
-        stat = path.stat()
-        digest.update(f"{modality}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(f"{modality}:{file_stamp(path)}".encode())
     fingerprint = f"features-{name}-{digest.hexdigest()[:12]}"
     label_tensor = torch.tensor(labels) if labels is not None else None
 
