@@ -51,3 +51,13 @@ def device_info(device: Any) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def write_results(out: Path | None, report: dict[str, Any]) -> None:
+    """Write ``report`` as JSON to ``out`` (nothing without one, as under ``--smoke``)."""
+    import json
+
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}")

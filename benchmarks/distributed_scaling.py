@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _options import add_output_options, parse_with_outputs  # beside this script
+from _options import add_output_options, parse_with_outputs, write_results  # beside this script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed_scaling.json"
 WORKLOADS = ("wide_head", "slu_conv")
@@ -542,10 +542,7 @@ def parent(args: argparse.Namespace) -> dict[str, Any]:
         print(f"gloo all-reduce alone, 2 processes (round {k + 1}): " + ", ".join(
             f"{size} {v['ms']:.2f} ms ({v['bus_GB_per_s']:.2f} GB/s bus)"
             for size, v in alone.items()))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, report)
     for workload, m in measured.items():  # the launches of a round train the same run
         assert m["max_epoch_loss_gap_to_1x1"] < LOSS_TOLERANCE, (workload, m)
     return report

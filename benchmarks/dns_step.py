@@ -38,7 +38,6 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -57,6 +56,7 @@ from _options import (  # beside this script
     device_info,
     parse_with_outputs,
     synchronize,
+    write_results,
 )
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
@@ -456,10 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "trainer": cases, "projection": proj, "targets": targets(cases, proj),
               "wall_s": time.perf_counter() - start}
     print(f"\n{report['wall_s']:.0f} s in all")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, report)
     return report
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _options import add_output_options, parse_with_outputs  # beside this script
+from _options import add_output_options, parse_with_outputs, write_results  # beside this script
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig, from_dict
 from comodal.core.data import MultimodalDataset
@@ -144,10 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "python": platform.python_version()},
               "runners": rows, "epoch_seconds": times}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, report)
     return report
 
 

@@ -26,7 +26,6 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -52,6 +51,7 @@ from _options import (  # beside this script
     add_output_options,
     device_info,
     parse_with_outputs,
+    write_results,
 )
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
@@ -413,10 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if spread > 2.0:
         print(f"note: some epochs took {spread:.1f}x the fastest one; other load on the machine "
               "disturbed this run (compare min and paired ratio, or rerun when idle)")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, report)
     return report
 
 

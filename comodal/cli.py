@@ -16,8 +16,12 @@ from typing import Any
 
 import torch
 
-from comodal.config import EXECUTORS, load_config
+from comodal.config import EXECUTORS, REPORT_COLUMNS, load_config
 from comodal.errors import ComodalError, ConfigError
+
+COLUMNS_HELP = ("summary table columns: default (the headline metric's Acc, Avg inc Acc, BWT, "
+                "FWT, Forgetting, Plasticity, then R@10 and zero-shot Acc) or cmcl (the CMCL "
+                "paper's: zero-shot Acc and its BWT, R@1, R@5, R@10, BWT of R@10)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field, e.g. train.epochs=5")
     comp.add_argument("--out", help="comparison directory (default runs/<config name>-compare)")
+    comp.add_argument("--columns", choices=REPORT_COLUMNS, default="default",
+                      help=COLUMNS_HELP)
     comp.add_argument("--rerun", action="store_true",
                       help="retrain from scratch the finished runs made with another config "
                            "(without it, such runs stop the comparison)")
@@ -72,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     fsc.add_argument("--no-noise", action="store_true", help="clean speech, no additive noise")
     rep = sub.add_parser("report", help="re-render a comparison's tables and plots")
     rep.add_argument("dir", help="comparison directory written by 'comodal compare'")
+    rep.add_argument("--columns", choices=REPORT_COLUMNS, default=None,
+                     help=COLUMNS_HELP + "; default: the ones compare was given")
     summ = sub.add_parser("summarize", help="print the summaries of run directories side by side")
     summ.add_argument("runs", nargs="+", help="run directories written by 'comodal run'")
     summ.add_argument("--metric", default=None, help="metric to show (default: all headline)")
@@ -265,7 +273,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     todo = pending(runs, args.rerun)
     atomic_write_text(out / "compare.json", json.dumps(
         {"config": str(args.config), "overrides": args.overrides, "strategies": stacks,
-         "seeds": [r.seed for r in runs[: args.seeds]]}, indent=1))
+         "seeds": [r.seed for r in runs[: args.seeds]], "columns": args.columns}, indent=1))
     try:
         execute(todo, args.workers, progress=config.progress, executor=args.executor,
                 address=args.address, cpus_per_run=args.cpus_per_run,
@@ -274,7 +282,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(f"finished runs and the checkpoints of finished tasks are kept "
                                 f"in {out}; the same compare command continues") from None
     print(f"{len(todo)} runs trained, {len(runs) - len(todo)} already finished")
-    return _report(out)
+    return _report(out, args.columns)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -304,10 +312,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(directory: Path) -> int:
+def _report(directory: Path, columns: str | None) -> int:
     from comodal.platform.report import write_report
 
-    written = write_report(directory)
+    written = write_report(directory, columns)
     print(f"\n{written['markdown']}")
     if written["missing"]:
         print(f"comodal: warning: {len(written['missing'])} planned runs have not finished and "
@@ -328,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _cmd_compare(args)
         if args.command == "report":
-            return _report(Path(args.dir))
+            return _report(Path(args.dir), args.columns)
         if args.command == "data":
             return _cmd_data(args)
         if args.command == "list":

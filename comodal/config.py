@@ -241,6 +241,7 @@ SCORES = ("cosine", "dot")  # model.score (comodal.platform.model)
 HEAD_INITS = ("auto", "identity", "orthogonal")  # model.head_init
 PRECISIONS = ("32", "bf16", "16-mixed")  # train.precision (comodal.platform.precision)
 EXECUTORS = ("local", "ray")  # compare --executor (comodal.platform.compare)
+REPORT_COLUMNS = ("default", "cmcl")  # summary table columns: comodal's, the CMCL paper's
 
 
 def _type_name(tp: Any) -> str:

@@ -177,8 +177,11 @@ def _compare_with_two_workers(tmp_path: Path, tiny: dict) -> tuple[subprocess.Po
     argv = [sys.executable, "-m", "comodal.cli", "compare", _config(tmp_path, config),
             "--strategies", "finetune", "--seeds", "2", "--workers", "2",
             "--out", str(tmp_path / "cmp")]
+    # Ctrl-C as from a terminal, even when pytest itself was started in the background (a
+    # shell starts `cmd &` with SIGINT ignored, which the child would inherit)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     workers: dict[int, str] = {}
 
     def started() -> bool:

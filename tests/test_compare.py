@@ -289,6 +289,75 @@ def test_a_plan_gives_each_stack_its_own_options(tiny: dict, tmp_path: Path) -> 
         plan(config, ["finetune", "er"], 1, tmp_path / "out")
 
 
+def test_an_entry_carries_its_own_strategy_options(tiny: dict, tmp_path: Path) -> None:
+    from comodal.errors import ConfigError
+    from comodal.platform.compare import parse_stacks, plan
+
+    tiny["strategy_args"] = {"er": {"size": 10, "policy": "experience"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny))
+    config = load_config(path, check=False)
+    stacks = parse_stacks("dns, dns(preset=paper,mode=update), er(size=20)+relation_kd(weight=0.5)")
+    assert parse_stacks("cflat(rho=1.0e+3)+er") == ["cflat(rho=1.0e+3)+er"]
+    assert stacks == ["dns", "dns(preset=paper,mode=update)",
+                      "er(size=20)+relation_kd(weight=0.5)"]
+    runs = plan(config, stacks, 1, tmp_path / "out")
+    assert runs[0].config.strategy_args == {}
+    assert runs[1].config.strategies == ["dns"]
+    assert runs[1].config.strategy_args == {"dns": {"preset": "paper", "mode": "update"}}
+    # the entry's options override the config's, which its other options keep
+    assert runs[2].config.strategy_args == {"er": {"size": 20, "policy": "experience"},
+                                            "relation_kd": {"weight": 0.5}}
+    assert runs[2].out == tmp_path / "out" / "er(size=20)+relation_kd(weight=0.5)" / "seed0"
+    (bigger,) = plan(config, ["cflat(rho=1.0e+3)+er"], 1, tmp_path / "out")
+    assert bigger.config.strategy_args["cflat"] == {"rho": 1000.0}
+    for bad, message in (("dns(preset)", "'preset' is not option=value"),
+                         ("dns(preset=paper", "balanced parentheses"),
+                         ("dns[preset=paper]", "is not a strategy name"),
+                         ("dns(nope=1)", "--strategies 'dns\\(nope=1\\)': strategy_args.dns")):
+        with pytest.raises(ConfigError, match=message):
+            plan(config, parse_stacks(bad + ",er"), 1, tmp_path / "out")
+
+
+def test_cmcl_columns_are_the_papers_and_equal_the_runs_summaries(comparison: Path) -> None:
+    import csv
+    import json
+
+    from comodal.cli import main
+    from comodal.errors import DataError
+    from comodal.platform import report
+
+    assert main(["report", str(comparison), "--columns", "cmcl"]) == 0
+    header = (comparison / "summary.md").read_text().splitlines()[0]
+    assert header == ("| strategy | seeds | zero-shot Acc | zero-shot BWT | R@1 | R@5 | R@10 "
+                      "| R@10 BWT |")
+    rows = {r["strategy"]: r for r in csv.DictReader((comparison / "summary.csv").open())}
+    for column, metric, key in (("zero-shot BWT", "zeroshot", "bwt"), ("R@5", "recall@5", "acc"),
+                                ("R@10 BWT", "recall@10", "bwt")):
+        values = [json.loads((comparison / "finetune" / f"seed{s}" / "metrics.json")
+                             .read_text())["summary"][metric][key] for s in (0, 1)]
+        assert float(rows["finetune"][f"{column} mean"]) == pytest.approx(sum(values) / 2,
+                                                                          abs=1e-6)
+    # without --columns, report uses the columns compare was given (saved in compare.json)
+    plan_path = comparison / "compare.json"
+    plan = json.loads(plan_path.read_text())
+    assert plan["columns"] == "default"
+    try:
+        plan_path.write_text(json.dumps({**plan, "columns": "cmcl"}))
+        assert main(["report", str(comparison)]) == 0
+        assert (comparison / "summary.md").read_text().splitlines()[0] == header
+    finally:
+        plan_path.write_text(json.dumps(plan))
+    assert main(["report", str(comparison)]) == 0  # back to the default columns
+    assert "R@1 Plasticity" in (comparison / "summary.md").read_text().splitlines()[0]
+    runs = report.load_runs(comparison)
+    for rs in runs.values():
+        for r in rs:
+            del r["summary"]["zeroshot"]
+    with pytest.raises(DataError, match="--columns cmcl: the CMCL table needs zeroshot"):
+        report.markdown(runs, kind="cmcl")
+
+
 def test_results_and_checkpoints_of_an_older_comodal_are_never_reused_or_mixed(
         tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from comodal.cli import main
@@ -320,3 +389,22 @@ def test_results_and_checkpoints_of_an_older_comodal_are_never_reused_or_mixed(
     assert "results_format: (unset) -> 2" in capsys.readouterr().err
     assert main([*argv, "--rerun"]) == 0
     assert json.loads((run / "metrics.json").read_text())["results_format"] == 2
+
+
+def test_the_readme_cmcl_table_command_plans_every_entry(tmp_path: Path) -> None:
+    """The README's CMCL comparison (examples/cmcl_stream.yaml): eight pair tasks of changing
+    modality pairs, and every entry of its command a valid run."""
+    import re
+
+    from comodal.platform.compare import parse_stacks, plan
+
+    root = Path(__file__).resolve().parents[1]
+    command = re.search(r"comodal compare examples/cmcl_stream\.yaml .*?--strategies '([^']+)'",
+                        (root / "README.md").read_text(), re.S)
+    config = load_config(root / "examples" / "cmcl_stream.yaml", check=False)
+    pairs = [tuple(t.modalities) for t in config.scenario.tasks]
+    assert len(pairs) == 8 and len({frozenset(p) for p in pairs}) == 3
+    runs = plan(config, parse_stacks(command.group(1)), 3, tmp_path)
+    stacks = {r.stack for r in runs}
+    assert {"gem", "agem", "der", "derpp", "co2l", "cflat", "cila", "dns(preset=paper)"} <= stacks
+    assert len(runs) == 3 * len(stacks) == 48

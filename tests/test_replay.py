@@ -172,6 +172,10 @@ def test_whole_batch_distillation_uses_the_class_ratio_weight() -> None:
 @pytest.mark.parametrize("strategies,args,message", [
     (["er", "coconut"], {}, "each keep a replay buffer"),
     (["kd"], {}, "needs a replay strategy"),
+    (["gem", "der"], {}, "gem and der each keep a replay buffer"),
+    (["co2l", "agem"], {}, "co2l and agem each keep a replay buffer"),
+    (["der", "kd"], {}, "needs a replay strategy"),  # der's memory is not in the batch
+    (["gem", "kd"], {}, "needs a replay strategy"),
     (["coconut"], {}, "works on classify tasks"),
     (["er"], {"er": {"policy": "reservoir", "selection": "herding"}}, "reservoir"),
     (["er"], {"er": {"size": 0, "fraction": 0}}, "give size"),

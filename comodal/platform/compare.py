@@ -1,29 +1,34 @@
 """``comodal compare``: every strategy x seed of one config, in one comparison directory.
 
 Layout: ``<dir>/<stack>/seed<k>/`` is an ordinary run directory (a stack is strategies joined
-by ``+``, e.g. ``er+relation_kd``). A finished run (``metrics.json``) is reused only when its
-resolved config equals the requested one, and retrained from scratch on request; a run with
-checkpoints resumes from its last finished task (it starts over when a configured plugin has
-no ``state_dict``, since its state is not in the checkpoints). With several workers, runs go
-to a pool of processes, each with its share of the CPU threads, that exit when the parent dies.
-With the ``ray`` executor each run is a Ray task with its CPUs and GPUs, on a local Ray instance
-or a cluster; it trains with the same ``_train`` into the same directories.
+by ``+``, e.g. ``er+relation_kd``, each optionally with its own options: ``dns(preset=paper)``).
+A finished run (``metrics.json``) is reused only when its resolved config equals the requested
+one, and retrained from scratch on request; a run with checkpoints resumes from its last
+finished task (it starts over when a configured plugin has no ``state_dict``, since its state
+is not in the checkpoints). With several workers, runs go to a pool of processes, each with its
+share of the CPU threads, that exit when the parent dies. With the ``ray`` executor each run is
+a Ray task with its CPUs and GPUs, on a local Ray instance or a cluster; it trains with the
+same ``_train`` into the same directories.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import ctypes
 import dataclasses
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from comodal.build import check, stateless_plugins
@@ -48,35 +53,79 @@ class Planned:
         return Path(self.config.out)
 
 
+ENTRY = re.compile(r"([A-Za-z0-9_-]+)(?:\((.*)\))?")
+
+
+def split_outside_parentheses(text: str, sep: str) -> list[str] | None:
+    """``text`` split at each ``sep`` outside parentheses (stripped); None when they do not
+    balance."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text + sep):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return None
+        if char == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return parts if depth == 0 else None
+
+
 def parse_stacks(text: str) -> list[str]:
-    """``a,b+c`` -> ``["a", "b+c"]``: comma-separated entries, ``+`` stacks strategies."""
-    stacks = [s.strip() for s in text.split(",") if s.strip()]
-    if not stacks:
-        raise ConfigError("--strategies: name at least one strategy, e.g. finetune,er,dns")
+    """``a,b+c,d(k=v)`` -> ``["a", "b+c", "d(k=v)"]``: comma-separated entries (commas inside
+    parentheses belong to the entry), ``+`` stacks strategies."""
+    stacks = [s for s in split_outside_parentheses(text, ",") or [] if s]
+    if not stacks or split_outside_parentheses(text, ",") is None:
+        raise ConfigError(f"--strategies: name at least one strategy, e.g. finetune,er,dns, "
+                          f"with balanced parentheses, got {text!r}")
     if len(set(stacks)) != len(stacks):
         raise ConfigError(f"--strategies: an entry appears twice in {text!r}")
     return stacks
 
 
+def parse_entry(entry: str) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """``dns(preset=paper,mode=update)+ewc`` -> the strategy names and the entry's own options
+    of each (values read as YAML), which override the config's ``strategy_args``."""
+    names, options = [], {}
+    for part in split_outside_parentheses(entry, "+") or [entry]:
+        match = ENTRY.fullmatch(part)
+        if match is None:
+            raise ConfigError(f"--strategies {entry!r}: {part!r} is not a strategy name "
+                              "optionally followed by its options, e.g. dns(preset=paper)")
+        name, given = match.groups()
+        names.append(name)
+        for pair in split_outside_parentheses(given or "", ",") or []:
+            if not pair.strip():
+                continue
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--strategies {entry!r}: {pair!r} is not option=value, "
+                                  "e.g. dns(preset=paper)")
+            options.setdefault(name, {})[key.strip()] = yaml.safe_load(value)
+    return names, options
+
+
 def plan(config: RunConfig, stacks: list[str], seeds: int, out: Path) -> list[Planned]:
     """One validated run config per stack and seed (seeds ``config.seed`` onwards); the
-    config's ``strategy_args`` go to the stacks that contain each strategy, its ``plugins``
-    (and ``imports``) to every stack."""
+    config's ``strategy_args`` go to the stacks that contain each strategy, updated by an
+    entry's own options (``dns(preset=paper)``), its ``plugins`` (and ``imports``) to every
+    stack."""
     if seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {seeds}")
-    named = {n for stack in stacks for n in stack.split("+")}
+    entries = {stack: parse_entry(stack) for stack in stacks}
+    named = {n for names, _ in entries.values() for n in names}
     for name in config.strategy_args:
         if name not in named:
             raise ConfigError(f"strategy_args.{name}: {name!r} is in no --strategies entry "
                               f"({', '.join(stacks)})")
     runs = []
-    for stack in stacks:
-        names = stack.split("+")
+    for stack, (names, options) in entries.items():
+        args = {n: {**config.strategy_args.get(n, {}), **options.get(n, {})} for n in names
+                if n in config.strategy_args or n in options}
         for k in range(seeds):
             seed = config.seed + k
             run_config = dataclasses.replace(
                 config, strategies=names, seed=seed, out=str(out / stack / f"seed{seed}"),
-                strategy_args={n: a for n, a in config.strategy_args.items() if n in names})
+                strategy_args=copy.deepcopy(args))
             try:
                 check(run_config)
             except ConfigError as err:

@@ -31,6 +31,28 @@ class InfoNCE(nn.Module):
         return loss
 
 
+class AsymmetricInfoNCE(InfoNCE):
+    """Co2L's asymmetric contrastive loss (Cha et al. 2021) on a batch of B pairs: only the
+    rows in ``anchors`` (the current task's) are anchors; every row's partner is a candidate.
+    With logits = s * A Bᵀ as in ``InfoNCE`` and C = {i : anchors_i},
+      one-directional:  L = mean_{i in C} -log softmax_k(logits_{i,k})[i]        (k over all B)
+      symmetric:        L = (that + the same over logitsᵀ) / 2
+    Without ``anchors`` (or with every row an anchor) it is ``InfoNCE`` itself, bitwise.
+    """
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                anchors: torch.Tensor | None = None) -> torch.Tensor:
+        if anchors is None:
+            return super().forward(a, b, scale)
+        logits = scale * a @ b.T
+        # a non-anchor row's target is ignored: it only adds its column to the others' sums
+        targets = torch.arange(len(a), device=a.device).masked_fill(~anchors.to(a.device), -1)
+        loss = F.cross_entropy(logits, targets, ignore_index=-1)
+        if self.symmetric:
+            loss = (loss + F.cross_entropy(logits.T, targets, ignore_index=-1)) / 2
+        return loss
+
+
 class MM(InfoNCE):
     """COCONUT's audio-text (MM) loss (Cappellazzo et al. 2024): InfoNCE between utterance
     features a, L2-normalised here, and transcript embeddings b (already normalised).
@@ -137,18 +159,21 @@ class FeatureDistill(nn.Module):
 class RelationDistill(nn.Module):
     """Instance-relation distillation (Co2L, Cha et al. 2021) on a batch of pairs (a_i, b_i) as
     the model scores them (normalised under cosine scoring, raw under dot): with similarities
-    S = a bᵀ / τ (student) and T (teacher, likewise),
+    S = a bᵀ / τ (student) and T = a' b'ᵀ / τ* (teacher; τ* = τ unless ``teacher_temperature``
+    is given, as Co2L's κ = 0.2, κ* = 0.01),
       L = (mean_i KL(softmax(T_i) || softmax(S_i)) + mean_j KL(softmax(T_j) || softmax(S_j))) / 2
     over rows i (a retrieves b) and columns j (b retrieves a).
     """
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    def __init__(self, temperature: float = 0.1, teacher_temperature: float | None = None) -> None:
         super().__init__()
         self.temperature = temperature
+        self.teacher_temperature = temperature if teacher_temperature is None \
+            else teacher_temperature
         self.kl = PredictionDistill(1.0)
 
     def forward(self, student: tuple[torch.Tensor, torch.Tensor],
                 teacher: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         s = student[0] @ student[1].T / self.temperature
-        t = teacher[0] @ teacher[1].T / self.temperature
+        t = teacher[0] @ teacher[1].T / self.teacher_temperature
         return (self.kl(s, t) + self.kl(s.T, t.T)) / 2

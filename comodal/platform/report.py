@@ -38,6 +38,12 @@ SUMMARIES = [("Acc", "acc", True), ("Avg inc Acc", "avg_inc_acc", True), ("BWT",
              ("FWT", "fwt", True), ("Forgetting", "forgetting", False),
              ("Plasticity", "plasticity", True)]
 EXTRA = [("R@10 Acc", "recall@10"), ("zero-shot Acc", "zeroshot")]  # Acc of other metrics
+# ``--columns cmcl``: the CMCL paper's table (Liu et al., NeurIPS 2025): final zero-shot
+# accuracy and its BWT, final R@1, R@5 and R@10, and the BWT of R@10
+CMCL_COLUMNS = [("zero-shot Acc", "zeroshot", "acc", True),
+                ("zero-shot BWT", "zeroshot", "bwt", True), ("R@1", "recall@1", "acc", True),
+                ("R@5", "recall@5", "acc", True), ("R@10", "recall@10", "acc", True),
+                ("R@10 BWT", "recall@10", "bwt", True)]
 LABELS = {"recall@1": "R@1", "accuracy": "accuracy"}
 POOLED_LABELS = {"acc": "Last Acc (pooled)", "avg_inc_acc": "Avg Acc (pooled)"}
 
@@ -62,13 +68,15 @@ def load_runs(directory: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def read_plan(directory: Path) -> dict[str, list]:
-    """The entries and seeds ``compare`` was asked for (``compare.json``; empty if absent)."""
+    """The entries, seeds and table columns ``compare`` was asked for (``compare.json``; empty
+    if absent)."""
     path = Path(directory) / "compare.json"
     if not path.is_file():
         return {}
     try:
         plan = json.loads(path.read_text())
-        return {"strategies": list(plan["strategies"]), "seeds": list(plan["seeds"])}
+        return {"strategies": list(plan["strategies"]), "seeds": list(plan["seeds"]),
+                "columns": plan.get("columns", "default")}  # older comparisons: default
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: truncated or not written by comodal compare ({err!r}); "
                         "repeat the compare command to rewrite it") from err
@@ -85,17 +93,28 @@ def headline(runs: dict[str, list[dict[str, Any]]]) -> str:
     return "recall@1" if "recall@1" in summary else "accuracy"
 
 
-def columns(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, str, bool]]:
-    """(label, metric, summary key, higher is better) of every table column. Where every run
-    records its headline's Acc and Avg Acc as pooled over test rows (class-incremental
-    accuracy), the labels say so, and that the other summaries come from the per-task matrix."""
+def columns(runs: dict[str, list[dict[str, Any]]],
+            kind: str = "default") -> list[tuple[str, str, str, bool]]:
+    """(label, metric, summary key, higher is better) of every table column: ``default`` the
+    headline's summaries and the final R@10 and zero-shot accuracy; ``cmcl`` the CMCL paper's.
+    Where every run records its headline's Acc and Avg Acc as pooled over test rows
+    (class-incremental accuracy), the labels say so, and that the other summaries come from the
+    per-task matrix."""
+    available = set.intersection(*(set(r["summary"]) for rs in runs.values() for r in rs))
+    if kind == "cmcl":
+        absent = sorted({m for _, m, _, _ in CMCL_COLUMNS} - available)
+        if absent:
+            raise DataError(f"--columns cmcl: the CMCL table needs {', '.join(absent)} in every "
+                            "run, and some runs have none (pair tasks with labels and class "
+                            "texts give zero-shot accuracy; class-incremental streams have no "
+                            "recalls); use --columns default")
+        return CMCL_COLUMNS
     metric = headline(runs)
     if all(metric in r.get("pooled_acc", ()) for rs in runs.values() for r in rs):
         cols = [(POOLED_LABELS.get(key, f"{label} (per task)"), metric, key, up)
                 for label, key, up in SUMMARIES]
     else:
         cols = [(f"{LABELS[metric]} {label}", metric, key, up) for label, key, up in SUMMARIES]
-    available = set.intersection(*(set(r["summary"]) for rs in runs.values() for r in rs))
     cols += [(label, m, "acc", True) for label, m in EXTRA if m in available and m != metric]
     return cols
 
@@ -105,10 +124,10 @@ def _value(run: dict[str, Any], metric: str, key: str) -> float:
     return math.nan if value is None else value
 
 
-def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tuple]]:
+def aggregate(runs: dict[str, list[dict[str, Any]]],
+              cols: list[tuple[str, str, str, bool]]) -> dict[str, dict[str, tuple]]:
     """Per stack and column: (mean, std, seeds) over the stack's runs (std nan for one seed)."""
     out: dict[str, dict[str, tuple]] = {}
-    cols = columns(runs)
     for stack, rs in runs.items():
         out[stack] = {}
         for label, metric, key, _ in cols:
@@ -120,13 +139,14 @@ def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tupl
     return out
 
 
-def best(table: dict[str, dict[str, tuple]], runs: dict, seeds: int = 0) -> dict[str, set[str]]:
+def best(table: dict[str, dict[str, tuple]], runs: dict, cols: list[tuple[str, str, str, bool]],
+         seeds: int = 0) -> dict[str, set[str]]:
     """Per column, the stacks with the best mean (ties all count) among those with all
     ``seeds`` runs (default: as many as the most complete stack): a mean of fewer seeds
     does not win."""
     full = seeds or max(len(rs) for rs in runs.values())
     winners = {}
-    for label, _, _, up in columns(runs):
+    for label, _, _, up in cols:
         means = {s: row[label][0] for s, row in table.items()
                  if not math.isnan(row[label][0]) and len(runs[s]) >= full}
         if means:
@@ -166,10 +186,12 @@ def _cell(mean: float, std: float, n: int) -> str:
 
 
 def markdown(runs: dict[str, list[dict[str, Any]]], seeds: int = 0,
-             absent: Sequence[str] = ()) -> str:
-    """The summary table; ``seeds`` asked per entry, ``absent`` the planned runs missing."""
-    table, cols = aggregate(runs), columns(runs)
-    winners = best(table, runs, seeds)
+             absent: Sequence[str] = (), kind: str = "default") -> str:
+    """The summary table of the ``kind`` of columns; ``seeds`` asked per entry, ``absent`` the
+    planned runs missing."""
+    cols = columns(runs, kind)
+    table = aggregate(runs, cols)
+    winners = best(table, runs, cols, seeds)
     lines = ["| strategy | seeds | " + " | ".join(c[0] for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for stack, row in table.items():
@@ -192,9 +214,11 @@ def markdown(runs: dict[str, list[dict[str, Any]]], seeds: int = 0,
     return "\n".join(lines) + "\n"
 
 
-def csv_text(runs: dict[str, list[dict[str, Any]]], seeds: int = 0) -> str:
-    table, cols = aggregate(runs), columns(runs)
-    winners = best(table, runs, seeds)
+def csv_text(runs: dict[str, list[dict[str, Any]]], seeds: int = 0,
+             kind: str = "default") -> str:
+    cols = columns(runs, kind)
+    table = aggregate(runs, cols)
+    winners = best(table, runs, cols, seeds)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["strategy", "seeds", *(f"{c[0]} {s}" for c in cols for s in ("mean", "std")),
@@ -314,18 +338,20 @@ def plot_tradeoff(runs: dict[str, list[dict[str, Any]]]) -> plt.Figure:
 PLOTS = {"matrices": plot_matrices, "stream": plot_stream, "stability_plasticity": plot_tradeoff}
 
 
-def write_report(directory: Path) -> dict[str, Any]:
-    """Write ``summary.md``, ``summary.csv``, ``plots/*.png`` and TensorBoard images from the
-    saved runs; returns the paths, the Markdown table and the planned runs not finished."""
+def write_report(directory: Path, kind: str | None = None) -> dict[str, Any]:
+    """Write ``summary.md``, ``summary.csv`` (with the ``kind`` of columns: ``default`` or
+    ``cmcl``; None: those ``compare`` was given), ``plots/*.png`` and TensorBoard images from
+    the saved runs; returns the paths, the Markdown table and the planned runs not finished."""
     from torch.utils.tensorboard import SummaryWriter
 
     directory = Path(directory)
     runs = load_runs(directory)
     plan = read_plan(directory)
     absent, seeds = missing(directory, plan), len(plan.get("seeds", []))
-    text = markdown(runs, seeds, absent)
+    kind = kind or plan.get("columns", "default")
+    text = markdown(runs, seeds, absent, kind)
     atomic_write_text(directory / "summary.md", text)
-    atomic_write_text(directory / "summary.csv", csv_text(runs, seeds))
+    atomic_write_text(directory / "summary.csv", csv_text(runs, seeds, kind))
     shutil.rmtree(directory / "tb", ignore_errors=True)
     plots = {}
     with SummaryWriter(str(directory / "tb")) as writer:

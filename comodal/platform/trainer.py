@@ -177,6 +177,11 @@ class Trainer:
             for hook in TRAIN_HOOKS + EVAL_HOOKS
         }
         self._uses_teacher = any(getattr(p, "uses_teacher", False) for p in self.plugins)
+        owners = [p for p in self.plugins if callable(getattr(p, "pair_loss", None))]
+        if len(owners) > 1:
+            raise ConfigError("strategies: " + " and ".join(p.name for p in owners) + " each "
+                              "replace the pair task loss; stack one of them")
+        self._pair_loss = owners[0].pair_loss if owners else None
         self._rehome = self.device.type == "cpu" and any(
             isinstance(p, SynapticIntelligencePlugin) for p in self.plugins)
         self._eval_loss = self.evaluator is not None or any(
@@ -568,39 +573,28 @@ class Trainer:
 
     def task_loss(self, batch: dict[str, Any], output: Any) -> torch.Tensor:
         """InfoNCE over a pair batch (logits: the scored embeddings' dot products times the
-        logit scale); cross-entropy over the classes seen so far otherwise."""
+        logit scale), or the ``pair_loss(trainer, batch, output)`` of the one strategy that
+        defines it (``co2l``'s asymmetric loss); cross-entropy over the classes seen so far
+        otherwise."""
         if isinstance(output, ClassifyOutput):
             return F.cross_entropy(output.logits, self.model.class_rows(batch["label"]))
+        if self._pair_loss is not None:
+            return self._pair_loss(self, batch, output)
         return self.criterion(*output, self.model.scale)
 
     def training_step(self) -> None:
-        """The one place that calls ``zero_grad``, ``backward`` and ``step``. After backward
-        the gradients are reduced over ranks (torchrun), unscaled (16-mixed), clipped to
+        """One optimizer step: ``compute_gradients`` (the loss, backward, the reduction over
+        ranks and unscaling), clipping, the ``after_backward`` hooks, ``step``. The gradients
+        are reduced over ranks (torchrun), unscaled (16-mixed), clipped to
         ``train.clip_grad_norm`` (their global norm over the trainable parameters), and only
         then handed to the ``after_backward`` hooks (projection strategies), ``before_update``
         and the optimizer: clipping before projecting, as the CMCL code (the Hugging Face
         Trainer clips before its pre-optimizer-step callback, where DNS projects). A
         projection never raises the norm (it is an orthogonal projection of the gradient)."""
         self._call("before_training_iteration")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss = torch.zeros((), device=self.device)  # plugins may add to it from here on
-        self.side_outputs, self._mb_output, self._teacher_cache = [], None, None
-        self._replaced = False
-        with self.precision.autocast():  # forward and losses (plugins' too); 32: no autocast
-            self._call("before_forward")
-            self.outputs = self.forward(self.mbatch)
-            self._call("after_forward")
-            self.loss = self.loss + (self._criterion(self._mb_output, self.mb_y)
-                                     if self._replaced
-                                     else self.task_loss(self.mbatch, self.outputs))
-            self._call("before_backward")
-        self.precision.scale(self.loss).backward()
-        self.reduce_gradients()
-        self.precision.unscale_(self.optimizer)  # 16-mixed: plugins see the true gradients
-        if self.train_cfg.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad],
-                self.train_cfg.clip_grad_norm)
+        self._teacher_cache = None
+        self.compute_gradients()
+        self.clip_gradients()
         self._call("after_backward")
         self._call("before_update")
         if self._rehome:
@@ -615,6 +609,33 @@ class Trainer:
             self.scheduler.step()
         self._call("after_update")
         self._call("after_training_iteration")
+
+    def compute_gradients(self) -> None:
+        """The step's loss (``loss``) and its gradients in ``.grad``: the forward and loss
+        hooks, backward, the reduction over ranks and 16-mixed's unscaling. A strategy that
+        needs the gradient at other weights (``cflat``) calls it again from ``after_backward``;
+        the teacher's outputs of the batch are kept between calls."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss = torch.zeros((), device=self.device)  # plugins may add to it from here on
+        self.side_outputs, self._mb_output, self._replaced = [], None, False
+        with self.precision.autocast():  # forward and losses (plugins' too); 32: no autocast
+            self._call("before_forward")
+            self.outputs = self.forward(self.mbatch)
+            self._call("after_forward")
+            self.loss = self.loss + (self._criterion(self._mb_output, self.mb_y)
+                                     if self._replaced
+                                     else self.task_loss(self.mbatch, self.outputs))
+            self._call("before_backward")
+        self.precision.scale(self.loss).backward()
+        self.reduce_gradients()
+        self.precision.unscale_(self.optimizer)  # 16-mixed: plugins see the true gradients
+
+    def clip_gradients(self) -> None:
+        """``train.clip_grad_norm``: the global norm of the trainable parameters' gradients."""
+        if self.train_cfg.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad],
+                self.train_cfg.clip_grad_norm)
 
     def reduce_gradients(self) -> None:
         """Under torchrun, every rank's gradients become their mean over ranks (the

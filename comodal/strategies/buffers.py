@@ -62,20 +62,35 @@ def quotas(capacity: int, groups: list[tuple[int, int]]) -> dict[tuple[int, int]
 
 # ----------------------------------------------------------------------------- buffer
 @dataclass
-class BufferConfig:
-    """A replay buffer: ``size`` slots, or ``fraction`` of the scenario's training rows."""
+class BufferBudget:
+    """A buffer's budget: ``size`` slots, or ``fraction`` of the scenario's training rows."""
 
     size: int = 0
     fraction: float = 0.02
+
+    def check_budget(self, where: str) -> None:
+        if self.size < 0 or not 0 <= self.fraction <= 1 or (self.size == 0 and self.fraction == 0):
+            raise ConfigError(f"{where}: give size (slots, > 0) or fraction (of the training "
+                              f"rows, in (0, 1]), got size={self.size}, fraction={self.fraction}")
+
+    def capacity(self, scenario: Any) -> int:
+        """Slots for ``scenario``: ``size``, or ``fraction`` of all its tasks' training rows."""
+        if self.size:
+            return self.size
+        return max(1, round(self.fraction * sum(len(t.train) for t in scenario.tasks)))
+
+
+@dataclass
+class BufferConfig(BufferBudget):
+    """A replay buffer: its budget, how it shares the slots and how it picks rows."""
+
     policy: str = "class"  # class (balanced per class) | experience (per task) | reservoir
     selection: str = "random"  # random | mean (closest to the class mean) | herding
 
     def check(self, where: str) -> None:
         check_choice(f"{where}.policy", self.policy, POLICIES)
         check_choice(f"{where}.selection", self.selection, SELECTIONS)
-        if self.size < 0 or not 0 <= self.fraction <= 1 or (self.size == 0 and self.fraction == 0):
-            raise ConfigError(f"{where}: give size (slots, > 0) or fraction (of the training "
-                              f"rows, in (0, 1]), got size={self.size}, fraction={self.fraction}")
+        self.check_budget(where)
         if self.policy == "reservoir" and self.selection != "random":
             raise ConfigError(f"{where}.selection: reservoir sampling selects at random, got "
                               f"{self.selection!r}")
@@ -139,20 +154,35 @@ class ReplayBuffer:
         return herding_order(feats[rows], k)
 
     def _reservoir(self, task: int, labels: torch.Tensor, generator: torch.Generator) -> None:
-        """Algorithm R over the task's rows in a seeded order: row number s of the stream
-        replaces a random slot with probability capacity / s once the buffer is full."""
-        slots = [tuple(row) for row in torch.stack([self.task, self.index, self.label], 1).tolist()]
-        for row in random_order(len(labels), generator).tolist():
-            self.seen += 1
-            if len(slots) < self.capacity:
-                slots.append((task, row, int(labels[row])))
-                continue
-            j = int(torch.randint(self.seen, (1,), generator=generator))
+        """Every row of the task offered once, in a seeded order."""
+        order = random_order(len(labels), generator)
+        self.offer(task, order, labels[order], generator)
+
+    def offer(self, task: int, rows: torch.Tensor, labels: torch.Tensor,
+              generator: torch.Generator) -> torch.Tensor:
+        """Algorithm R (Vitter 1985) over the stream of rows offered so far, in order: the
+        first ``capacity`` rows fill the slots, then row number s of the stream replaces a
+        random slot with probability capacity / s. Returns each row's slot after the offer,
+        -1 for a row not kept or displaced by a later row of the same offer."""
+        filled = len(self)
+        free = min(len(rows), self.capacity - filled)
+        owner = {filled + i: i for i in range(free)}  # slot -> position in ``rows``
+        for i in range(free, len(rows)):
+            j = int(torch.randint(self.seen + i + 1, (1,), generator=generator))
             if j < self.capacity:
-                slots[j] = (task, row, int(labels[row]))
-        columns = torch.tensor(slots, dtype=torch.long).reshape(-1, 3)
-        self.task, self.index, self.label = columns.unbind(1)
+                owner[j] = i
+        self.seen += len(rows)
+        slot = torch.full((len(rows),), -1, dtype=torch.long)
+        if not owner:
+            return slot
+        slots, picked = torch.tensor(list(owner)), torch.tensor(list(owner.values()))
+        slot[picked] = slots
+        grown = torch.zeros(free, dtype=torch.long)
+        self.task, self.index, self.label = (torch.cat([column, grown])
+                                             for column in (self.task, self.index, self.label))
         self.rank = torch.zeros_like(self.task)
+        self.task[slots], self.index[slots], self.label[slots] = task, rows[picked], labels[picked]
+        return slot
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Up to ``n`` distinct slots, at random."""

@@ -83,6 +83,7 @@ class KD(Strategy):
         self.feature_loss = FeatureDistill()
         self.prediction_loss = PredictionDistill(self.config.temperature)
         self._caught: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._caught_batch: Any = None  # the batch whose teacher features ``_caught`` holds
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         cfg, m = self.config, strategy.scenario.tasks[strategy.experience_index].modalities[0]
@@ -96,14 +97,19 @@ class KD(Strategy):
 
     def before_forward(self, strategy: Any, **kwargs: Any) -> None:
         """Catch the pooled encoder outputs as the heads read them, the student's in the
-        training forward and the teacher's in its shared one, so that no encoder runs twice."""
+        training forward and the teacher's in its shared one, so that no encoder runs twice.
+        The teacher runs once per batch (its output is kept), so when the step's loss is
+        computed again (``cflat``) its caught features are kept too."""
         if strategy.teacher is not None and self.config.feature != "off" \
                 and self.layer == "encoder":
             m = strategy.pair(strategy.mbatch)[0]
-            self._caught = ([], [])
-            for model, caught in zip((strategy.model, strategy.teacher), self._caught,
-                                     strict=True):
-                catch_input(model.heads[m], caught)
+            student, teacher = [], self._caught[1]
+            catch_input(strategy.model.heads[m], student)
+            if self._caught_batch is not strategy.mbatch:
+                teacher = []
+                catch_input(strategy.teacher.heads[m], teacher)
+                self._caught_batch = strategy.mbatch
+            self._caught = (student, teacher)
 
     def distilled(self, strategy: Any) -> tuple[torch.Tensor, Any]:
         """The student's features to distil, and the teacher's output with ``features`` of the

@@ -174,12 +174,15 @@ class DNS(ProjectingStrategy):
 
     def _record_factors(self, strategy: Any) -> None:
         """Keep each step's batch factors of the protected heads (grad mode), unless another
-        plugin adds to the loss before backward (a penalty on the weights: G is not Δᵀ X)."""
+        plugin adds to the loss before backward (a penalty on the weights: G is not Δᵀ X) or
+        one before it in the stack edits the gradient (``cflat``, ``gem``: nor is it then)."""
         self._release()
         others = [p for p in strategy.plugins if p is not self]
+        before = strategy.plugins[:strategy.plugins.index(self)]
         if (self.config.mode == "grad" and self.config.batch_form
                 and distributed.current() is None  # a rank's factors hold its rows only
-                and not any(overrides(p, "before_backward") for p in others)):
+                and not any(overrides(p, "before_backward") for p in others)
+                and not any(overrides(p, "after_backward") for p in before)):
             heads = {m: strategy.model.heads[m] for m in self.bases}
             self.factors = BatchFactors(heads, seed=len(self.ranks))
 

@@ -15,18 +15,25 @@ from typing import Any
 from comodal.config import from_dict
 from comodal.entry_points import load_entry_points
 from comodal.errors import ConfigError
+from comodal.strategies.agem import AGEM
 from comodal.strategies.base import Strategy
+from comodal.strategies.cflat import CFlat
+from comodal.strategies.cila import CILA
+from comodal.strategies.co2l import Co2L
 from comodal.strategies.coconut import COCONUT
+from comodal.strategies.der import DER, DERPP
 from comodal.strategies.distill import KD, RelationKD
 from comodal.strategies.dns import DNS
 from comodal.strategies.ewc import EWC
 from comodal.strategies.finetune import Finetune
+from comodal.strategies.gem import GEM
 from comodal.strategies.gpm import GPM
 from comodal.strategies.joint import Joint
 from comodal.strategies.replay import ER
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Finetune, Joint, DNS, GPM, EWC, ER, COCONUT, KD, RelationKD)
+    cls.name: cls for cls in (Finetune, Joint, DNS, GPM, EWC, ER, COCONUT, KD, RelationKD,
+                              CFlat, GEM, AGEM, DER, DERPP, Co2L, CILA)
 }
 KINDS = ("pair", "classify")
 
@@ -83,6 +90,12 @@ def validate_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, An
             "strategies: 'joint' must come first, since it replaces the training loader that "
             f"later strategies build on (got {list(names)})"
         )
+    if "cflat" in names and names.index("cflat") != int(names[0] == "joint"):
+        raise ConfigError(
+            "strategies: 'cflat' must come first (right after 'joint' if that is stacked), "
+            "since it replaces the step's gradient, which later strategies (dns, gpm, gem, "
+            f"agem) then edit (got {list(names)})"
+        )
     if len(set(names)) != len(names):
         raise ConfigError(f"strategies: each strategy may appear once, got {list(names)}")
     for name, options in args.items():
@@ -95,7 +108,10 @@ def validate_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, An
     if len(buffers) > 1:
         raise ConfigError(f"strategies: {' and '.join(buffers)} each keep a replay buffer; "
                           "stack one of them")
-    if "kd" in names and not buffers:
+    # kd distils the rows er's loader marks batch["rehearsal"]: gem, agem and der keep memories
+    # outside the training batches
+    if "kd" in names and not any(getattr(known[n], "wrap_loader", None) is ER.wrap_loader
+                                 for n in names):
         kd = from_dict(KD.Config, dict(args.get("kd", {})), "strategy_args.kd")
         if kd.needs_buffer:
             raise ConfigError("strategies: kd on rehearsal rows needs a replay strategy in the "

@@ -36,6 +36,21 @@ class ERConfig(BufferConfig):
     strategy = "er"  # the name in error messages (a class attribute, not a config field)
 
 
+def memory_batches(trainer: Any, buffer: ReplayBuffer,
+                   slots: torch.Tensor) -> list[tuple[torch.Tensor, Any]]:
+    """The rows of ``slots`` read back through the scenario (cached features of frozen
+    backbones), one training batch per task, so that no batch mixes modality pairs: each
+    task's slots and its batch, on the device."""
+    out = []
+    for t in buffer.task[slots].unique().tolist():
+        mine = slots[buffer.task[slots] == t]
+        loader = trainer.ordered_loader(t)
+        batch = gather_parts([(loader.dataset, buffer.index[mine])], loader.collate)
+        batch["task_id"] = t
+        out.append((mine, trainer.as_batch(batch)))
+    return out
+
+
 class ReplayLoader:
     """The training loader's batches with memory rows: compatible rows appended to the batch,
     the others as ``batch["replay"]``, a list of side batches."""
@@ -83,12 +98,6 @@ class ER(Strategy):
         super().__init__(config)
         self.buffer: ReplayBuffer | None = None
 
-    def capacity(self, strategy: Any) -> int:
-        if self.config.size:
-            return self.config.size
-        rows = sum(len(t.train) for t in strategy.scenario.tasks)
-        return max(1, round(self.config.fraction * rows))
-
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         if self.buffer is None:
             cfg = self.config
@@ -97,7 +106,7 @@ class ER(Strategy):
                 raise ConfigError(f"strategy_args.{self.name}.policy: 'class' balances the "
                                   f"buffer by label, and task {unlabelled[0]!r} has no labels "
                                   "(use policy: experience or reservoir)")
-            self.buffer = ReplayBuffer(self.capacity(strategy), cfg.policy, cfg.selection)
+            self.buffer = ReplayBuffer(cfg.capacity(strategy.scenario), cfg.policy, cfg.selection)
 
     def wrap_loader(self, strategy: Any, loader: Any) -> Any:
         """The task's batches with memory rows, once the buffer holds some."""
