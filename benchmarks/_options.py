@@ -61,3 +61,14 @@ def write_results(out: Path | None, report: dict[str, Any]) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {out}")
+
+
+def cpu_machine() -> dict[str, Any]:
+    """The CPU the numbers were measured on, for a report's ``machine``."""
+    import os
+    import platform
+
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}

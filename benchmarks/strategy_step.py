@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _options import add_output_options, parse_with_outputs, write_results  # beside this script
+from _options import (  # beside this script
+    add_output_options,
+    cpu_machine,
+    parse_with_outputs,
+    write_results,
+)
 
 from comodal.config import EvalConfig, ModalityConfig, TrainConfig
 from comodal.core.data import MultimodalDataset
@@ -142,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{stack:<12}{r['ms_per_step']:>9.2f}{r['ratio']:>8.2f}{r['paired']:>8.2f}"
               f"{r['state_bytes'] / 1024:>11.1f}")
     report = {"benchmark": "strategy_step", "config": vars(args) | {"out": str(args.out)},
-              "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "python": platform.python_version()},
+              "machine": cpu_machine(),
               "runners": rows, "epoch_seconds": times}
     write_results(args.out, report)
     return report
