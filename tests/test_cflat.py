@@ -17,6 +17,7 @@ from torch.func import functional_call
 from comodal.config import RunConfig
 from comodal.errors import ConfigError
 from comodal.platform.run import build_trainer, identity
+from comodal.platform.trainer import Trainer
 from comodal.scenarios.registry import build_scenario
 from comodal.strategies.base import Strategy
 from comodal.strategies.cflat import CFlat, CFlatConfig
@@ -49,6 +50,8 @@ class HandBuilt:
         self.loss = F.cross_entropy(self.outputs, self.y)
         self.loss.backward()
         self.passes += 1
+
+    step_kept = Trainer.step_kept
 
     def clip_gradients(self) -> None:
         if self.train_cfg.clip_grad_norm is not None:

@@ -51,11 +51,13 @@ def asymmetric_by_hand(a: list, b: list, scale: float, rehearsal: list[bool],
 
 def co2l_loss(rehearsal: list[bool] | None, symmetric: bool, a: list = A,
               b: list = B) -> torch.Tensor:
-    """Co2L's ``pair_loss`` as the trainer calls it, on the hand-built batch."""
+    """Co2L's ``pair_loss`` as the trainer calls it in a task, on the hand-built batch."""
     trainer = SimpleNamespace(criterion=InfoNCE(symmetric),
                               model=SimpleNamespace(scale=torch.tensor(SCALE)))
     batch = {} if rehearsal is None else {"rehearsal": torch.tensor(rehearsal)}
-    return Co2L().pair_loss(trainer, batch, (torch.tensor(a), torch.tensor(b)))
+    co2l = Co2L()
+    co2l.contrastive = AsymmetricInfoNCE(symmetric)  # what its before_training_exp builds
+    return co2l.pair_loss(trainer, batch, (torch.tensor(a), torch.tensor(b)))
 
 
 # ----------------------------------------------------------------------------- L_asym

@@ -185,13 +185,20 @@ def _cell(mean: float, std: float, n: int) -> str:
     return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f} (1 seed)"
 
 
+def summary_table(runs: dict[str, list[dict[str, Any]]], seeds: int,
+                  kind: str) -> tuple[list[tuple[str, str, str, bool]], dict, dict]:
+    """The ``kind`` of columns, each stack's (mean, std, seeds) per column, and each column's
+    best stacks: what ``markdown`` and ``csv_text`` render."""
+    cols = columns(runs, kind)
+    table = aggregate(runs, cols)
+    return cols, table, best(table, runs, cols, seeds)
+
+
 def markdown(runs: dict[str, list[dict[str, Any]]], seeds: int = 0,
              absent: Sequence[str] = (), kind: str = "default") -> str:
     """The summary table of the ``kind`` of columns; ``seeds`` asked per entry, ``absent`` the
     planned runs missing."""
-    cols = columns(runs, kind)
-    table = aggregate(runs, cols)
-    winners = best(table, runs, cols, seeds)
+    cols, table, winners = summary_table(runs, seeds, kind)
     lines = ["| strategy | seeds | " + " | ".join(c[0] for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for stack, row in table.items():
@@ -216,9 +223,7 @@ def markdown(runs: dict[str, list[dict[str, Any]]], seeds: int = 0,
 
 def csv_text(runs: dict[str, list[dict[str, Any]]], seeds: int = 0,
              kind: str = "default") -> str:
-    cols = columns(runs, kind)
-    table = aggregate(runs, cols)
-    winners = best(table, runs, cols, seeds)
+    cols, table, winners = summary_table(runs, seeds, kind)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["strategy", "seeds", *(f"{c[0]} {s}" for c in cols for s in ("mean", "std")),

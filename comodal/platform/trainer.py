@@ -3,8 +3,9 @@ strategy plugins at Avalanche's moments, evaluating every task before and after 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -629,6 +630,17 @@ class Trainer:
         self.precision.scale(self.loss).backward()
         self.reduce_gradients()
         self.precision.unscale_(self.optimizer)  # 16-mixed: plugins see the true gradients
+
+    @contextlib.contextmanager
+    def step_kept(self) -> Iterator[None]:
+        """Put back the step's loss and outputs after further ``compute_gradients`` calls (at
+        other weights: ``cflat``), so that the epoch loss and later hooks see the step's own."""
+        kept = (self.loss, self.outputs, self.side_outputs, self._mb_output, self._replaced)
+        try:
+            yield
+        finally:
+            (self.loss, self.outputs, self.side_outputs, self._mb_output,
+             self._replaced) = kept
 
     def clip_gradients(self) -> None:
         """``train.clip_grad_norm``: the global norm of the trainable parameters' gradients."""

@@ -47,8 +47,6 @@ from comodal.errors import ConfigError
 from comodal.strategies.base import Strategy
 
 EPS = 1e-12  # the official code's perturb_eps
-# what trainer.compute_gradients() sets, kept from the step's own pass
-STEP_FIELDS = ("loss", "outputs", "side_outputs", "_mb_output", "_replaced")
 
 
 @dataclass
@@ -100,7 +98,6 @@ class CFlat(Strategy):
         params = [p for p in model.parameters() if p.grad is not None]
         theta = [p.detach().clone() for p in params]
         buffers = [b.clone() for b in model.buffers()]
-        kept = [getattr(strategy, f) for f in STEP_FIELDS]
 
         def gradient_at(*shifts: list[torch.Tensor]) -> list[torch.Tensor]:
             """∇L at θ + Σ shifts (θ itself without shifts)."""
@@ -112,20 +109,19 @@ class CFlat(Strategy):
                 strategy.compute_gradients()
             return [p.grad.clone() for p in params]
 
-        g0 = ([p.grad.clone() for p in params] if strategy.train_cfg.clip_grad_norm is None
-              else gradient_at())
-        g1 = gradient_at(_direction(g0, rho))
-        e1 = _direction([a - b for a, b in zip(g1, g0, strict=True)], rho)
-        g2 = gradient_at(e1)
-        g3 = gradient_at(e1, _direction(g2, rho))
+        with strategy.step_kept():
+            g0 = ([p.grad.clone() for p in params] if strategy.train_cfg.clip_grad_norm is None
+                  else gradient_at())
+            g1 = gradient_at(_direction(g0, rho))
+            e1 = _direction([a - b for a, b in zip(g1, g0, strict=True)], rho)
+            g2 = gradient_at(e1)
+            g3 = gradient_at(e1, _direction(g2, rho))
         lam = self.config.flatness_weight
         for p, t, a, b, c in zip(params, theta, g1, g2, g3, strict=True):
             p.copy_(t)
             p.grad.copy_(a + lam * (c - b))
         for b, saved in zip(model.buffers(), buffers, strict=True):
             b.copy_(saved)
-        for field, value in zip(STEP_FIELDS, kept, strict=True):
-            setattr(strategy, field, value)
         strategy.clip_gradients()
         self.steps += 1
 

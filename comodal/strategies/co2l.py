@@ -75,12 +75,17 @@ class Co2L(ER):
         self.relation = RelationDistill(self.config.student_temperature,
                                         self.config.teacher_temperature)
         self.weight = self.config.ird_weight  # λ of the current task
+        self.contrastive: AsymmetricInfoNCE | None = None  # symmetric as the trainer's loss
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.contrastive = AsymmetricInfoNCE(strategy.criterion.symmetric)
+        super().before_training_exp(strategy, **kwargs)
 
     def pair_loss(self, trainer: Any, batch: dict[str, Any], output: Any) -> torch.Tensor:
         """L_asym of a pair batch: its memory rows (``batch["rehearsal"]``) are no anchors."""
         rehearsal = batch.get("rehearsal")
-        return AsymmetricInfoNCE(trainer.criterion.symmetric)(
-            *output, trainer.model.scale, None if rehearsal is None else ~rehearsal)
+        return self.contrastive(*output, trainer.model.scale,
+                                None if rehearsal is None else ~rehearsal)
 
     def ird(self, strategy: Any) -> torch.Tensor | None:
         """L_IRD over the step's batches whose pair an earlier task trained, averaged over
