@@ -63,8 +63,11 @@ def import_modules(modules: Sequence[str]) -> None:
 
 
 def scenario_kind(config: RunConfig) -> str:
-    """``pair`` or ``classify``: what every task of the configured scenario is."""
-    return "pair" if config.scenario.class_incremental is None else "classify"
+    """``pair``, ``classify`` or ``sequence``: what every task of the configured scenario is."""
+    ci = config.scenario.class_incremental
+    if ci is None:
+        return "pair"
+    return "sequence" if ci.target == "sequence" else "classify"
 
 
 def _check_trainability(name: str, mod: ModalityConfig) -> None:

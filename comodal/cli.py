@@ -20,7 +20,8 @@ from comodal.config import EXECUTORS, REPORT_COLUMNS, load_config
 from comodal.errors import ComodalError, ConfigError
 
 COLUMNS_HELP = ("summary table columns: default (the headline metric's Acc, Avg inc Acc, BWT, "
-                "FWT, Forgetting, Plasticity, then R@10 and zero-shot Acc) or cmcl (the CMCL "
+                "FWT, Forgetting, Plasticity, then R@10 and zero-shot Acc, or WER and CER of "
+                "sequence tasks) or cmcl (the CMCL "
                 "paper's: zero-shot Acc and its BWT, R@1, R@5, R@10, BWT of R@10)")
 
 

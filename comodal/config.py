@@ -47,6 +47,27 @@ def _default_modalities() -> dict[str, ModalityConfig]:
 
 
 @dataclass
+class DecoderConfig:
+    """The sequence-to-sequence SLU decoder (``scenario.class_incremental.target: sequence``):
+    a pre-norm ``nn.TransformerDecoder`` over the audio encoder's frames, and its BPE
+    vocabulary. The papers' is 6 layers of width 768 (8 heads, FFN 3072) with beam 10-20; the
+    default is a CPU-sized one."""
+
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    ffn: int = 512
+    dropout: float = 0.1
+    vocab_size: int = 1000  # the BPE vocabulary's size at most (the papers' 1000)
+    max_length: int = 48  # tokens of a target or a decoded sequence, [SOS] and [EOS] included
+    frame_stride: int = 4  # audio frames averaged into one decoder memory position
+    beam_width: int = 5  # at evaluation; 1: greedy
+    length_penalty: float = 0.6  # GNMT's alpha: scores divided by ((5 + L) / 6) ** alpha
+    # the splits whose targets (of every task) train the tokenizer: [train] as the papers
+    tokenizer_splits: list[str] = field(default_factory=lambda: ["train"])
+
+
+@dataclass
 class ModelConfig:
     joint_dim: int = 256
     temperature: float = 0.07
@@ -58,6 +79,7 @@ class ModelConfig:
     # auto (identity where a head's widths match, else orthogonal) | identity | orthogonal
     head_init: str = "auto"
     head_bias: bool = False  # heads with a bias, zero-initialised (the CMCL code's Linear)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
 @dataclass
@@ -83,6 +105,9 @@ class ClassIncrementalConfig:
     # groups per task
     groups_per_task: int = 0
     subset: bool = False  # true: ``order`` may leave classes out (the ones used are printed)
+    # intent: a classifier over the classes seen so far; sequence: an encoder-decoder writing
+    # "<intent> _SEP <transcription>" (model.decoder; COCONUT's and seq-KD's setting)
+    target: str = "intent"
 
 
 @dataclass
@@ -242,6 +267,8 @@ HEAD_INITS = ("auto", "identity", "orthogonal")  # model.head_init
 PRECISIONS = ("32", "bf16", "16-mixed")  # train.precision (comodal.platform.precision)
 EXECUTORS = ("local", "ray")  # compare --executor (comodal.platform.compare)
 REPORT_COLUMNS = ("default", "cmcl")  # summary table columns: comodal's, the CMCL paper's
+TARGETS = ("intent", "sequence")  # scenario.class_incremental.target
+SPLITS = ("train", "test")  # model.decoder.tokenizer_splits
 
 
 def _type_name(tp: Any) -> str:
@@ -621,6 +648,39 @@ def _check_class_incremental(config: RunConfig, ci: ClassIncrementalConfig) -> N
                           f"got {shown(ci.increments)}")
     if ci.order is not None and len(set(ci.order)) != len(ci.order):
         raise ConfigError(f"{where}.order: a class appears twice in {shown(ci.order)}")
+    check_choice(f"{where}.target", ci.target, TARGETS)
+    if ci.target == "sequence":
+        _check_sequence(config, ci)
+
+
+def _check_sequence(config: RunConfig, ci: ClassIncrementalConfig) -> None:
+    """A sequence target: the audio modality alone (the transcript is the target's last
+    field), a trained audio encoder (the decoder reads its frames), a decoder that fits."""
+    where = "scenario.class_incremental"
+    if list(ci.modalities) != ["audio"]:
+        raise ConfigError(f"{where}.modalities: target: sequence decodes the transcript from "
+                          f"the audio, so name only [audio], got {shown(ci.modalities)}")
+    audio = config.model.modalities.get("audio")
+    if audio is None or audio.encoder not in ("conv", "hf") or audio.frozen:
+        raise ConfigError(f"{where}.target: sequence reads the audio encoder's frames, so "
+                          "model.modalities.audio needs a trained encoder (encoder: conv, or "
+                          "hf with frozen: false)")
+    dec = config.model.decoder
+    for key in ("dim", "layers", "heads", "ffn", "frame_stride", "beam_width"):
+        _at_least(f"model.decoder.{key}", getattr(dec, key), 1)
+    _at_least("model.decoder.vocab_size", dec.vocab_size, 16)
+    _at_least("model.decoder.max_length", dec.max_length, 3)
+    if dec.dim % dec.heads:
+        raise ConfigError(f"model.decoder.dim: {dec.dim} is not divisible by "
+                          f"model.decoder.heads ({dec.heads})")
+    if not 0 <= dec.dropout < 1 or dec.length_penalty < 0:
+        raise ConfigError(f"model.decoder: dropout must be in [0, 1) and length_penalty >= 0, "
+                          f"got {dec.dropout} and {dec.length_penalty}")
+    if not dec.tokenizer_splits:
+        raise ConfigError("model.decoder.tokenizer_splits: name at least one split (the "
+                          "papers': [train])")
+    for i, split in enumerate(dec.tokenizer_splits):
+        check_choice(f"model.decoder.tokenizer_splits[{i}]", split, SPLITS)
 
 
 def to_dict(config: RunConfig) -> dict:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synth-pairs config and one cache directory for the whole session."""
+"""Shared fixtures: a tiny synth-pairs config, one cache directory and one small synthesised
+spoken-commands corpus for the whole session."""
 
 from __future__ import annotations
 
@@ -30,3 +31,15 @@ def tiny_template(cache_dir: Path) -> dict:
 @pytest.fixture()
 def tiny(tiny_template: dict) -> dict:
     return copy.deepcopy(tiny_template)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthesised spoken-commands corpus (FSC's layout): 2 train, 1 valid and 1 test
+    speaker, made once per session (about a minute of speech synthesis)."""
+    from comodal.config import SynthFSCConfig
+    from comodal.scenarios.synth_fsc import generate
+
+    return generate(tmp_path_factory.mktemp("fsc") / "corpus",
+                    SynthFSCConfig(seed=3, train_speakers=2, valid_speakers=1, test_speakers=1),
+                    progress=False)

@@ -75,8 +75,9 @@ def test_list_prints_strategies_with_options_and_kinds_datasets_and_encoders(
     assert main(["list"]) == 0
     text = capsys.readouterr().out
     assert "  ewc (pair)\n      ewc_lambda=100000.0 mode=separate decay_factor=1.0\n" in text
-    assert "  finetune (pair, classify)\n      no options\n" in text
-    assert "  coconut (classify)\n" in text
+    assert "  finetune (pair, classify, sequence)\n      no options\n" in text
+    assert "  coconut (classify, sequence)\n" in text
+    assert "  seq_kd (sequence)\n      weight=1.0 beam_width=0\n" in text
     assert all(f"  {name} (" in text for name in STRATEGIES)
     assert re.search(r"\n  synth-pairs/toys +vision, audio, text\n", text)
     assert re.search(r"\n  fsc +audio, text\n", text)
@@ -88,7 +89,8 @@ def test_list_json_gives_the_same(capsys: pytest.CaptureFixture) -> None:
     assert main(["list", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert set(found["strategies"]) == set(STRATEGIES)
-    assert found["strategies"]["er"]["kinds"] == ["pair", "classify"]
+    assert found["strategies"]["er"]["kinds"] == ["pair", "classify", "sequence"]
+    assert found["strategies"]["gem"]["kinds"] == ["pair", "classify"]
     assert found["strategies"]["er"]["options"]["fraction"] == 0.02
     assert found["strategies"]["dns"]["options"]["preset"] is None
     assert found["datasets"]["synth-pairs/gems"] == ["vision", "audio", "text"]

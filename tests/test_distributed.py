@@ -19,23 +19,32 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import class_incremental, load_dict
+from helpers import class_incremental, load_dict, sequence_stream
 
 from comodal.platform import checkpoint
 from comodal.platform.run import run
 from comodal.strategies.registry import strategies
 
 TESTS = Path(__file__).resolve().parent
-STACKS = [*strategies(), "coconut+kd"]
+# seq_kd needs a replay strategy; the last two stacks run on sequence tasks (encoder-decoder)
+SEQUENCE = ["er+kd+seq_kd", "coconut+seq_kd"]
+STACKS = [*(s for s in strategies() if s != "seq_kd"), "coconut+kd", *SEQUENCE]
 SPECIAL = ("vision-conv", "fresh-cache", "drift", "avalanche-plugin")
 
 
-def stack_config(tiny: dict, stack: str) -> dict:
+def stack_config(tiny: dict, stack: str, corpus: Path | None = None) -> dict:
     """``tiny`` for the stack: pair tasks where every strategy of it works on them, else the
-    class-incremental variant; uneven batches (47 rows: 24 and 23 per rank)."""
+    class-incremental variant, else sequence tasks of ``corpus``; uneven batches (47 rows: 24
+    and 23 per rank)."""
     names = stack.split("+")
     kinds = set.intersection(*(set(strategies()[n].kinds) for n in names))
-    config = copy.deepcopy(tiny) if "pair" in kinds else class_incremental(tiny)
+    if "pair" in kinds:
+        config = copy.deepcopy(tiny)
+    elif "classify" in kinds:
+        config = class_incremental(tiny)
+    else:
+        config = sequence_stream(corpus, tiny["data"])
+        config["strategy_args"] = {names[0]: {"size": 40}}
     config["strategies"] = names
     if names == ["kd"]:  # kd alone distils the whole batch (no replay buffer to distil on)
         config["strategy_args"] = {"kd": {"feature": "batch", "prediction": "batch"}}
@@ -82,11 +91,11 @@ def torchrun(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_template: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def runs(tiny_template: dict, tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict:
     """Each case run in this process (one thread, as each torchrun rank) and in one torchrun
     job of two processes: case -> (one-process directory, two-process directory)."""
     root = tmp_path_factory.mktemp("distributed")
-    cases = {s: stack_config(tiny_template, s) for s in STACKS}
+    cases = {s: stack_config(tiny_template, s, corpus) for s in STACKS}
     cases.update({c: special_config(tiny_template, c, root / "fresh-cache-dir") for c in SPECIAL})
     job, found = [], {}
     threads = torch.get_num_threads()
@@ -99,8 +108,8 @@ def runs(tiny_template: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
             path.write_text(yaml.safe_dump(config))
             if case not in ("drift", "avalanche-plugin"):
                 (directory / "ref").mkdir()
-                reference = {**config, "out": str(directory / "one"),
-                             "data": tiny_template["data"]}  # features from the shared cache
+                reference = {**config, "out": str(directory / "one"),  # the shared cache's
+                             "data": {**config["data"], **tiny_template["data"]}}  # features
                 run(load_dict(reference, directory / "ref"))
             job += [str(path), str(directory / "two")]
             found[case] = (directory / "one", directory / "two")
@@ -151,6 +160,20 @@ def test_two_processes_compute_the_one_process_run(runs: dict, case: str) -> Non
     assert status(two) == 0
     first, second = matrices(one), matrices(two)
     assert first.keys() == second.keys()
+    if case in SEQUENCE:
+        # Decoding is discrete: each rank decodes its share of the rows, and the round-off of
+        # another batch composition can flip a near-tied token of the tiny, barely trained
+        # decoder (measured: one process against two, CER 3e-3 and 2e-3 apart, intent accuracy
+        # and WER equal). seq_kd then trains on the flipped pseudo-target, so the states after
+        # task 1 drift by more than round-off; task 1 itself (no teacher) must agree.
+        torch.testing.assert_close(second["accuracy"], first["accuracy"], atol=0.05, rtol=0)
+        for metric in ("wer", "cer"):
+            torch.testing.assert_close(second[metric], first[metric], atol=0.02, rtol=0)
+        history = [json.loads((d / "metrics.json").read_text())["history"] for d in (one, two)]
+        task1 = [torch.tensor([e["loss"] for e in h if e["task"] == 0]) for h in history]
+        torch.testing.assert_close(task1[1], task1[0], atol=1e-5, rtol=1e-5)
+        assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+        return
     for metric in first:
         torch.testing.assert_close(second[metric], first[metric], atol=1e-4, rtol=0,
                                    equal_nan=True, msg=metric)

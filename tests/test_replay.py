@@ -176,7 +176,7 @@ def test_whole_batch_distillation_uses_the_class_ratio_weight() -> None:
     (["co2l", "agem"], {}, "co2l and agem each keep a replay buffer"),
     (["der", "kd"], {}, "needs a replay strategy"),  # der's memory is not in the batch
     (["gem", "kd"], {}, "needs a replay strategy"),
-    (["coconut"], {}, "works on classify tasks"),
+    (["coconut"], {}, "works on classify and sequence tasks"),
     (["er"], {"er": {"policy": "reservoir", "selection": "herding"}}, "reservoir"),
     (["er"], {"er": {"size": 0, "fraction": 0}}, "give size"),
 ])

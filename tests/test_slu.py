@@ -4,7 +4,6 @@ error messages, class-incremental SLU streams and the audio encoders."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from helpers import slurp_corpus
 
 from comodal.config import (
     ClassIncrementalConfig,
@@ -30,14 +30,6 @@ from comodal.scenarios.synth_fsc import HEADER, INTENTS, generate, phrasings
 
 FSC_ORDER = [19, 27, 30, 28, 15, 4, 2, 9, 10, 22, 11, 7, 1, 25, 16, 14, 5, 8, 29, 12, 21, 17, 3,
              20, 23, 6, 18, 24, 26, 0, 13]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthesised corpus: 2 train, 1 valid and 1 test speaker."""
-    return generate(tmp_path_factory.mktemp("fsc") / "corpus",
-                    SynthFSCConfig(seed=3, train_speakers=2, valid_speakers=1, test_speakers=1),
-                    progress=False)
 
 
 def test_the_corpus_is_in_fsc_layout_and_reads_like_fsc(corpus: Path) -> None:
@@ -189,33 +181,14 @@ def test_a_replaced_wav_gets_a_new_fingerprint_and_cache_entry(corpus: Path,
 
 
 # ----------------------------------------------------------------------------- SLURP
-def _slurp(root: Path) -> Path:
-    """Three scenarios, four intents, a FLAC recording per sentence."""
-    (root / "slurp_real").mkdir(parents=True)
-    g = np.random.default_rng(0)
-    records = {"train": [], "test": []}
-    intents = [("alarm_set", "alarm"), ("alarm_query", "alarm"), ("play_music", "play"),
-               ("weather_query", "weather")]
-    for split in records:
-        for i in range(8):
-            intent, scenario = intents[i % 4]
-            name = f"{split}-{i}.flac"
-            soundfile.write(root / "slurp_real" / name,
-                            (0.1 * g.standard_normal(8000)).astype(np.float32), 16000)
-            records[split].append({"slurp_id": i, "sentence": f"sentence {i}", "intent": intent,
-                                   "scenario": scenario, "action": intent.split("_")[1],
-                                   "entities": [], "recordings": [{"file": name}]})
-        (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in records[split]))
-    return root
-
-
 def test_a_slurp_fixture_loads_with_intents_and_scenario_groups(tmp_path: Path) -> None:
-    root = _slurp(tmp_path / "slurp")
+    root = slurp_corpus(tmp_path / "slurp")
     intents = SlurpIntents.from_jsonl(root / "train.jsonl")
     assert intents.names == ["alarm_query", "alarm_set", "play_music", "weather_query"]
     data = read_slurp(root, "test", intents)
     assert len(data) == 8 and data.columns["text"][0] == "sentence 0"
     assert data.labels[0] == intents.names.index("alarm_set")
+    assert data.meta["target"][1] == "alarm_query _SEP word _FILL sentence _SEP sentence 1"
     splits = Splits(data, data, intents.names, class_groups=intents.scenarios)
     order, increments = group_order(splits, 2)  # alarm + play, then weather
     assert order == [0, 1, 2, 3] and increments == [3, 1]

@@ -35,7 +35,9 @@ class AvalancheCriterion(nn.Module):
     - a pair output ``[B, 2, D]`` and task indices: InfoNCE (``infonce``) between the two
       embeddings as the model scores them (``model.scored``) within each task's rows,
       weighted by its share of the rows (a memory batch may mix tasks; the negatives stay each
-      task's own).
+      task's own);
+    - a sequence task's token logits ``[B, L, V]`` and target tokens ``[B, L]``: the decoder's
+      teacher-forced cross-entropy over the tokens that are not padding.
 
     ``model()`` gives the model whose logit scale InfoNCE uses (the trainer's may be replaced)."""
 
@@ -44,6 +46,8 @@ class AvalancheCriterion(nn.Module):
         self.model, self.infonce = model, infonce
 
     def forward(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.dim() == 2:  # a sequence task's token logits [B, L, V] and targets [B, L]
+            return self.model().decoder.loss(output, targets)
         if output.dim() == 2:
             known = targets >= 0
             if not bool(known.all()):
@@ -97,8 +101,12 @@ def check_plugins(plugins: Sequence[Any], scenario: Any, evaluator: Any,
             raise ConfigError(f"plugin {i} ({name}) and train.scheduler "
                               f"({train.scheduler.name}) would both set the learning rate: "
                               "keep one of them")
-    for metric in getattr(evaluator, "metrics", []) if "pair" in kinds else []:
-        if isinstance(metric, (AccuracyPluginMetric, ExperienceForgetting, StreamForgetting)):
-            raise ConfigError(f"EvaluationPlugin metric {metric} scores class predictions, "
-                              "and pair tasks have none (their output is two embeddings): "
-                              "use loss metrics, and comodal's recall@k for retrieval")
+    unscored = {"pair": "their output is two embeddings", "sequence": "their output is token "
+                "logits, decoded into strings that comodal scores (intent accuracy, WER)"}
+    for kind in sorted(kinds & unscored.keys()):
+        for metric in getattr(evaluator, "metrics", []):
+            if isinstance(metric, (AccuracyPluginMetric, ExperienceForgetting,
+                                   StreamForgetting)):
+                raise ConfigError(f"EvaluationPlugin metric {metric} scores class predictions, "
+                                  f"and {kind} tasks have none ({unscored[kind]}): use loss "
+                                  "metrics, and comodal's own metrics")

@@ -11,8 +11,10 @@ With ``train.keep_optimizer`` the optimizer's moments are saved too (otherwise e
 starts from fresh moments, and there is nothing to save); with ``train.precision: 16-mixed``
 the grad scaler's state (its loss scale), so that a resumed run continues with the same scale.
 Teachers are not saved either: a teacher is the model as it was at the start of its task, which
-is the checkpointed model. Files load with ``weights_only=True`` (tensors and plain containers
-only) and are written atomically, so a kill never leaves a half-written checkpoint.
+is the checkpointed model. Sequence tasks' tokenizer is saved as its JSON, which the trainer reads
+back before it tokenises the targets (``Trainer.fit``). Files load with ``weights_only=True``
+(tensors and plain containers only) and are written atomically, so a kill never leaves a
+half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def save(directory: Path, trainer: Any, rows: list, config: str) -> Path:
                        for p in stateful(trainer.plugins)],
         "rng": rng_state(trainer.generator),
         "scaler": trainer.precision.state_dict(),  # 16-mixed's loss scale; None otherwise
+        # sequence tasks' BPE vocabulary (JSON), so that a resumed run reads the same token ids
+        "tokenizer": trainer.tokenizer.to_json() if trainer.tokenizer is not None else None,
     }
     path = Path(directory) / f"after_task_{done}.pt"
     atomic_torch_save(state, path)

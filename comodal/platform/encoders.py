@@ -43,6 +43,13 @@ def valid_frames(lengths: torch.Tensor, hop: int, frames: int) -> torch.Tensor:
     return (lengths // hop + 1).clamp(max=frames)
 
 
+def masked_mean(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden [B, T, D]`` over the frames ``valid [B, T]`` marks real: an audio
+    encoder's utterance embedding from its frames."""
+    weights = valid.to(hidden.dtype)
+    return torch.einsum("btd,bt->bd", hidden, weights) / weights.sum(1, keepdim=True).clamp(min=1)
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -208,6 +215,11 @@ class HFAudio(nn.Module):
         return lengths.clamp(min=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return masked_mean(*self.sequence(batch))
+
+    def sequence(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden states ``[B, T, D]`` and which frames come from real samples
+        ``[B, T]`` (a sequence-to-sequence decoder's memory)."""
         wave, lengths = batch["wave"], batch["lengths"]
         valid = (torch.arange(wave.shape[1], device=wave.device)[None] < lengths[:, None]).float()
         mean = (wave * valid).sum(1, keepdim=True) / lengths[:, None]
@@ -217,8 +229,7 @@ class HFAudio(nn.Module):
         hidden = self.model(wave, attention_mask=valid.long() if layer_norm else None)
         hidden = hidden.last_hidden_state
         frames = self.frames(lengths).clamp(max=hidden.shape[1])
-        mask = torch.arange(hidden.shape[1], device=wave.device)[None] < frames[:, None]
-        return (hidden * mask[..., None]).sum(1) / frames[:, None]
+        return hidden, torch.arange(hidden.shape[1], device=wave.device)[None] < frames[:, None]
 
 
 class TextEmbeddingBag(nn.Module):
@@ -253,14 +264,19 @@ class AudioConv(nn.Module):
         self.out_dim = dim
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return masked_mean(*self.sequence(batch))
+
+    def sequence(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The convolution's output frames ``[B, T, dim]`` (10 ms apart) and which come from
+        real samples ``[B, T]`` (a sequence-to-sequence decoder's memory)."""
         logmel = torch.log(self.mel(batch["wave"]) + 1e-5)  # [B, mels, frames]
         frames = valid_frames(batch["lengths"], self.mel.hop_length, logmel.shape[-1])
-        mask = (torch.arange(logmel.shape[-1], device=logmel.device)[None]
-                < frames[:, None])[:, None].float()
+        valid = torch.arange(logmel.shape[-1], device=logmel.device)[None] < frames[:, None]
+        mask = valid[:, None].float()
         mean = (logmel * mask).sum(-1, keepdim=True) / frames[:, None, None]
         var = (((logmel - mean) * mask) ** 2).sum(-1, keepdim=True) / frames[:, None, None]
         hidden = self.net((logmel - mean) / (var + 1e-5).sqrt() * mask)  # [B, dim, frames]
-        return (hidden * mask).sum(-1) / frames[:, None]
+        return hidden.transpose(1, 2), valid
 
 
 class VisionConv(nn.Module):

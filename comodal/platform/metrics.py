@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-POOLED = ("accuracy",)  # class-incremental accuracy: Acc and Avg Acc pooled over test rows
+from comodal.errors import DataError
+from comodal.platform.sequences import parse_target
+
+# class-incremental accuracy, and the error rates and intent-part accuracies of sequence tasks:
+# Acc and Avg Acc pooled over test rows (of the intents seen so far)
+POOLED = ("accuracy", "wer", "cer", "scenario_accuracy", "action_accuracy")
 
 
 def _content_key(value: Any) -> Any:
@@ -183,3 +189,50 @@ def summaries(matrices: dict[str, torch.Tensor],
               sizes: Sequence[int]) -> dict[str, dict[str, float]]:
     """The summaries of every metric of a run, those in ``POOLED`` pooled over test rows."""
     return {m: summarize(R, sizes if m in POOLED else None) for m, R in matrices.items()}
+
+
+def _matches(predicted: Sequence[str], reference: Sequence[str]) -> float:
+    """Fraction of rows whose predicted field equals the reference's exactly."""
+    return sum(p == r for p, r in zip(predicted, reference, strict=True)) / len(reference)
+
+
+def _slot_f1(predicted: Sequence[list[tuple[str, str]]],
+             reference: Sequence[list[tuple[str, str]]]) -> float:
+    """Micro F1 of exact ``(type, value)`` slots counted as multisets per row:
+    2 TP / (predicted + reference slots); 1.0 when neither side has any."""
+    hits = sum(sum((Counter(p) & Counter(r)).values())
+               for p, r in zip(predicted, reference, strict=True))
+    total = sum(map(len, predicted)) + sum(map(len, reference))
+    return 2 * hits / total if total else 1.0
+
+
+def sequence_metrics(predicted: Sequence[str], reference: Sequence[str],
+                     slots: bool = False) -> dict[str, float]:
+    """The seq2seq SLU metrics of decoded targets against the true ones: intent "accuracy"
+    (exact first field), corpus-level "wer" and "cer" of the transcriptions (torchmetrics; an
+    empty predicted text counts as deletions) and, with ``slots`` (SLURP), scenario and action
+    accuracy (the intent split at its first "_") and "slot_f1". NaN for no rows."""
+    # torchmetrics' package import takes seconds (it loads torchvision): only seq2seq pays it
+    from torchmetrics.functional.text import char_error_rate, word_error_rate
+
+    if len(predicted) != len(reference):
+        raise DataError(f"{len(predicted)} predicted targets for {len(reference)} references")
+    keys = ["accuracy", "wer", "cer"]
+    if slots:
+        keys += ["scenario_accuracy", "action_accuracy", "slot_f1"]
+    if not reference:
+        return dict.fromkeys(keys, math.nan)
+    pred, ref = [parse_target(p) for p in predicted], [parse_target(r) for r in reference]
+    for i, r in enumerate(ref):
+        if not r.text:
+            raise DataError(f"reference target {i} ({reference[i]!r}) has no transcription "
+                            "after its last _SEP; WER and CER need one")
+    texts = [p.text for p in pred], [r.text for r in ref]
+    out = {"accuracy": _matches([p.intent for p in pred], [r.intent for r in ref]),
+           "wer": float(word_error_rate(*texts)), "cer": float(char_error_rate(*texts))}
+    if slots:
+        for name, part in (("scenario_accuracy", 0), ("action_accuracy", 2)):
+            out[name] = _matches([p.intent.partition("_")[part] for p in pred],
+                                 [r.intent.partition("_")[part] for r in ref])
+        out["slot_f1"] = _slot_f1([p.slots for p in pred], [r.slots for r in ref])
+    return out

@@ -202,6 +202,8 @@ def collate_samples(
                 batch[key] = mod.collate([mod.preprocess(v, f"{key} value") for v in values])
         elif key == "label":
             batch[key] = torch.tensor(values)
+        elif isinstance(values[0], torch.Tensor):  # a tensor column: a sequence's tokens
+            batch[key] = torch.stack(values)
         else:
             batch[key] = values
     return batch

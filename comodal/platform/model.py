@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import nn
 from comodal.config import HEAD_INITS, SCORES
 from comodal.errors import ConfigError
 from comodal.platform import distributed
+from comodal.platform.encoders import masked_mean
 
 
 def init_head(head: nn.Linear, how: str, name: str) -> None:
@@ -50,12 +51,27 @@ def init_head(head: nn.Linear, how: str, name: str) -> None:
         nn.init.zeros_(head.bias)
 
 
+class SequenceOutput(NamedTuple):
+    """What a sequence task's forward pass gives: the decoder's teacher-forced logits
+    ``[B, L-1, V]`` (of the target tokens but the last), the pooled audio's joint features
+    (before normalisation, as ``ClassifyOutput.features``), and the decoder's memory
+    ``(memory [B, T', d], valid [B, T'])`` for decoding and distillation."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    memory: tuple[torch.Tensor, torch.Tensor]
+
+
 class MultimodalEncoder(nn.Module):
     """``encode(batch, modality)`` -> joint embeddings ``[B, joint_dim]`` as the model scores
     them: L2-normalised (``score="cosine"``) or the heads' raw outputs (``score="dot"``).
 
     ``batch[modality]`` holds either backbone input (trainable encoders) or the backbone's
     output (frozen backbones, whose features were cached before training).
+
+    With a ``decoder`` (``comodal.platform.decoder.SequenceDecoder``) it is an encoder-decoder
+    for sequence tasks: ``sequence(batch, modality)``; ``transcript_head`` maps the decoder's
+    pooled token embeddings of a transcript into the joint space (COCONUT's text side).
     """
 
     def __init__(
@@ -68,6 +84,7 @@ class MultimodalEncoder(nn.Module):
         score: str = "cosine",
         head_init: str = "auto",
         head_bias: bool = False,
+        decoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if score not in SCORES:
@@ -86,6 +103,12 @@ class MultimodalEncoder(nn.Module):
         self.classifier: nn.Linear | None = None  # created by the first grow()
         self.register_buffer("class_ids", torch.zeros(0, dtype=torch.long))
         self._rows: torch.Tensor | None = None  # class id -> classifier row, made once per grow
+        self.decoder = decoder
+        self.transcript_head: nn.Linear | None = None
+        if decoder is not None:
+            self.transcript_head = nn.Linear(decoder.dim, joint_dim, bias=False)
+            init_head(self.transcript_head, head_init if head_init != "identity" else "auto",
+                      "transcript")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -129,12 +152,43 @@ class MultimodalEncoder(nn.Module):
             return self.scored(z)
         return F.normalize(z, dim=-1) if normalize else z
 
+    def frames(self, batch: dict[str, Any], modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trained ``modality`` encoder's frames ``[B, T, D]`` and which are real
+        ``[B, T]``, before pooling; under torchrun each rank encodes its share of the rows and
+        every rank gets all of them (as ``encode``)."""
+        return self._frames(batch, modality)[:2]
+
+    def _frames(self, batch: dict[str, Any], modality: str,
+                pooled: bool = False) -> tuple[torch.Tensor, ...]:
+        """``frames``, and with ``pooled`` the joint features of the mean frame, computed as
+        ``encode`` computes them (the head on each rank's own rows, then gathered)."""
+        x, encoder = batch[modality], self.encoders[modality]
+        world = distributed.current()
+        n = distributed.rows_of(x)
+        if world is not None:
+            x = distributed.take_rows(x, world.share(n))
+        hidden, valid = encoder.sequence(x)
+        out = (hidden, valid.to(hidden.dtype))
+        if pooled:
+            out += (self.heads[modality](masked_mean(hidden, valid)),)
+        if world is not None:
+            out = tuple(world.gather(part, n) for part in out)
+        return (out[0], out[1].bool(), *out[2:])
+
+    def sequence(self, batch: dict[str, Any], modality: str) -> SequenceOutput:
+        """A sequence batch through the encoder-decoder, teacher-forced on ``batch["tokens"]``
+        (``[SOS] ... [EOS] [PAD]...`` rows): the logits of every target token but the first."""
+        frames, valid, features = self._frames(batch, modality, pooled=True)
+        memory = self.decoder.memory(frames, valid)
+        return SequenceOutput(self.decoder(*memory, batch["tokens"][:, :-1]), features, memory)
+
     def forward(self, batch: Any) -> torch.Tensor:
         """What Avalanche's plugins call (``avalanche_forward(model, x, t)``) on a
         ``comodal.core.data.Batch``: a class-incremental batch's logits over the classes
-        grown so far, or a pair batch's ``[B, 2, D]`` un-normalised joint embeddings (first
-        modality, then second), whose norm methods such as MAS can differentiate. A batch
-        mixing modality pairs is forwarded part by part, rows back in their places."""
+        grown so far, a sequence batch's teacher-forced token logits, or a pair batch's
+        ``[B, 2, D]`` un-normalised joint embeddings (first modality, then second), whose norm
+        methods such as MAS can differentiate. A batch mixing modality pairs is forwarded part
+        by part, rows back in their places."""
         if batch.parts:
             outputs = [(rows, self(part)) for rows, part in batch.parts]
             out = outputs[0][1].new_empty((len(batch), *outputs[0][1].shape[1:]))
@@ -143,6 +197,8 @@ class MultimodalEncoder(nn.Module):
             return out
         if batch.kind == "classify":
             return self.classify(self.encode(batch, batch.modalities[0], normalize=False))
+        if batch.kind == "sequence":
+            return self.sequence(batch, batch.modalities[0]).logits
         return torch.stack([self.encode(batch, m, normalize=False) for m in batch.modalities],
                            dim=1)
 

@@ -37,7 +37,10 @@ from comodal.yaml_input import read_yaml  # noqa: E402
 SUMMARIES = [("Acc", "acc", True), ("Avg inc Acc", "avg_inc_acc", True), ("BWT", "bwt", True),
              ("FWT", "fwt", True), ("Forgetting", "forgetting", False),
              ("Plasticity", "plasticity", True)]
-EXTRA = [("R@10 Acc", "recall@10"), ("zero-shot Acc", "zeroshot")]  # Acc of other metrics
+# the final value ("acc") of other metrics, and whether higher is better: sequence tasks' word
+# and character error rates are pooled over the test rows of the intents seen so far
+EXTRA = [("R@10 Acc", "recall@10", True), ("zero-shot Acc", "zeroshot", True),
+         ("Last WER (pooled)", "wer", False), ("Last CER (pooled)", "cer", False)]
 # ``--columns cmcl``: the CMCL paper's table (Liu et al., NeurIPS 2025): final zero-shot
 # accuracy and its BWT, final R@1, R@5 and R@10, and the BWT of R@10
 CMCL_COLUMNS = [("zero-shot Acc", "zeroshot", "acc", True),
@@ -96,7 +99,8 @@ def headline(runs: dict[str, list[dict[str, Any]]]) -> str:
 def columns(runs: dict[str, list[dict[str, Any]]],
             kind: str = "default") -> list[tuple[str, str, str, bool]]:
     """(label, metric, summary key, higher is better) of every table column: ``default`` the
-    headline's summaries and the final R@10 and zero-shot accuracy; ``cmcl`` the CMCL paper's.
+    headline's summaries and the final R@10 and zero-shot accuracy (sequence tasks: the final
+    pooled WER and CER, lower is better); ``cmcl`` the CMCL paper's.
     Where every run records its headline's Acc and Avg Acc as pooled over test rows
     (class-incremental accuracy), the labels say so, and that the other summaries come from the
     per-task matrix."""
@@ -115,7 +119,7 @@ def columns(runs: dict[str, list[dict[str, Any]]],
                 for label, key, up in SUMMARIES]
     else:
         cols = [(f"{LABELS[metric]} {label}", metric, key, up) for label, key, up in SUMMARIES]
-    cols += [(label, m, "acc", True) for label, m in EXTRA if m in available and m != metric]
+    cols += [(label, m, "acc", up) for label, m, up in EXTRA if m in available and m != metric]
     return cols
 
 

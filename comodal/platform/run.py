@@ -30,6 +30,7 @@ from comodal.config import RunConfig, to_dict
 from comodal.core.files import atomic_write_text
 from comodal.errors import ConfigError, DataError, TrainingError
 from comodal.platform import checkpoint, distributed
+from comodal.platform.decoder import SequenceDecoder
 from comodal.platform.feature_cache import FeatureCache
 from comodal.platform.live_log import LiveTensorBoard
 from comodal.platform.metrics import POOLED, summaries
@@ -42,10 +43,11 @@ from comodal.scenarios.registry import build_scenario
 from comodal.strategies.registry import build_strategies
 from comodal.yaml_input import flatten
 
-HEADLINE = ("recall@1", "recall@5", "recall@10", "zeroshot", "accuracy")
+HEADLINE = ("recall@1", "recall@5", "recall@10", "zeroshot", "accuracy", "wer")
 MARKER, LOCK, FORMAT = ".comodal-run", ".comodal-lock", 1
+TOKENIZER = "tokenizer.json"  # sequence tasks' BPE tokenizer (HF tokenizers' JSON)
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.json", "summary.json", "matrices", "tb",
-                         "checkpoints", MARKER, LOCK})  # everything a run writes
+                         "checkpoints", TOKENIZER, MARKER, LOCK})  # everything a run writes
 
 
 @dataclass
@@ -64,7 +66,16 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: RunConfig, modalities: dict) -> MultimodalEncoder:
+    """The shared encoder of ``config``, with the sequence decoder over the audio encoder's
+    frames when ``scenario.class_incremental.target`` is ``sequence``."""
     encoders = {n: m.trainable for n, m in modalities.items() if m.trainable is not None}
+    ci, dec = config.scenario.class_incremental, config.model.decoder
+    decoder = None
+    if ci is not None and ci.target == "sequence":
+        decoder = SequenceDecoder(
+            modalities[ci.modalities[0]].out_dim, dec.vocab_size, dim=dec.dim,
+            layers=dec.layers, heads=dec.heads, ffn=dec.ffn, dropout=dec.dropout,
+            max_length=dec.max_length, frame_stride=dec.frame_stride)
     return MultimodalEncoder(
         in_dims={n: m.out_dim for n, m in modalities.items()},
         joint_dim=config.model.joint_dim,
@@ -74,6 +85,7 @@ def build_model(config: RunConfig, modalities: dict) -> MultimodalEncoder:
         score=config.model.score,
         head_init=config.model.head_init,
         head_bias=config.model.head_bias,
+        decoder=decoder,
     )
 
 
@@ -92,6 +104,7 @@ def build_trainer(config: RunConfig, plugins: Sequence[Any] | None = None) -> Tr
         FeatureCache(config.data.cache_dir, progress=config.progress),
         config.train, config.eval, plugins,
         seed=config.seed, device=config.device, progress=config.progress,
+        decoding=config.model.decoder,
     )
 
 
@@ -223,6 +236,8 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
                              "strategies": reports, "test_sizes": trainer.test_sizes,
                              "pooled_acc": [m for m in POOLED if m in matrices]})
             write_tensorboard(out / "tb", summary, to_dict(config))
+            if trainer.tokenizer is not None:
+                atomic_write_text(out / TOKENIZER, trainer.tokenizer.to_json())
     return RunResult(scenario.task_names, matrices, summary, out, seconds)
 
 

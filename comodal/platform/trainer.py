@@ -4,6 +4,7 @@ strategy plugins at Avalanche's moments, evaluating every task before and after 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from comodal._avalanche import (
     SupervisedPlugin,
     SynapticIntelligencePlugin,
 )
-from comodal.config import EvalConfig, TrainConfig
+from comodal.config import DecoderConfig, EvalConfig, TrainConfig
 from comodal.core.data import (
     Batch,
     BatchLoader,
@@ -36,11 +37,18 @@ from comodal.platform import checkpoint, distributed
 from comodal.platform.avalanche_view import AvalancheCriterion, check_plugins, is_evaluator
 from comodal.platform.feature_cache import FeatureCache, prepare_dataset
 from comodal.platform.losses import InfoNCE
-from comodal.platform.metrics import accuracy, content_ids, retrieval_recalls, zero_shot_accuracy
+from comodal.platform.metrics import (
+    accuracy,
+    content_ids,
+    retrieval_recalls,
+    sequence_metrics,
+    zero_shot_accuracy,
+)
 from comodal.platform.modalities import Modality, collate_samples
-from comodal.platform.model import MultimodalEncoder, frozen_copy
+from comodal.platform.model import MultimodalEncoder, SequenceOutput, frozen_copy
 from comodal.platform.precision import Precision, resolve_device
 from comodal.platform.schedules import build_scheduler
+from comodal.platform.sequences import SequenceTokenizer, target_tokens
 from comodal.scenarios.task import Scenario, Task
 
 TRAIN_HOOKS = (
@@ -97,10 +105,11 @@ class Trainer:
     ``eval_mb_size``, ``train_epochs``, ``device``, ``plugins``, ``current_eval_stream``,
     ``stop_training()`` and ``model_adaptation()``; then comodal's: ``scenario`` (the prepared
     tasks), ``experience_index``, ``generator`` (the batch order's), ``outputs`` (the step's
-    ``ClassifyOutput`` or ``PairOutput``), ``side_outputs`` (``(batch, output)`` of batches
-    trained beside the main one), ``teacher`` and ``teacher_output(batch)``, ``forward``,
-    ``task_loss``, ``criterion`` (InfoNCE), ``pair``, ``statistics_pass``, ``to_device``,
-    ``history`` and ``last_eval``. Strategies extend the training loader by declaring
+    ``ClassifyOutput``, ``SequenceOutput`` or ``PairOutput``), ``side_outputs`` (``(batch,
+    output)`` of batches trained beside the main one), ``teacher`` and
+    ``teacher_output(batch)``, ``forward``, ``task_loss``, ``criterion`` (InfoNCE), ``pair``,
+    ``statistics_pass``, ``to_device``, ``history``, ``last_eval``, and on sequence tasks
+    ``tokenizer`` and ``decode(batch)``. Strategies extend the training loader by declaring
     ``train_tasks(trainer)`` (which tasks' data to load) or ``wrap_loader(trainer, loader)``,
     and ask for a teacher with the class attribute ``uses_teacher = True``."""
 
@@ -115,6 +124,7 @@ class Trainer:
         seed: int = 0,
         device: str = "cpu",
         progress: bool = True,
+        decoding: DecoderConfig | None = None,
     ) -> None:
         self.device = resolve_device(device)  # auto: CUDA when available
         self.world = distributed.current()  # None in a one-process run
@@ -124,6 +134,8 @@ class Trainer:
         self.precision = Precision(train.precision, self.device)
         self.modalities, self.cache = modalities, cache
         self.train_cfg, self.eval_cfg, self.seed, self.progress = train, evaluation, seed, progress
+        self.decoding = decoding or DecoderConfig()
+        self.tokenizer: SequenceTokenizer | None = None  # sequence tasks' (made at setup)
         self.plugins = list(plugins)
         for plugin in self.plugins:  # strategies that name model parts check them up front
             if hasattr(plugin, "check"):
@@ -201,23 +213,26 @@ class Trainer:
     @property
     def mb_y(self) -> torch.Tensor:
         """Targets as Avalanche reads them: classifier rows of the labels (-1 for a class not
-        grown yet), or on pair tasks the task index of every row."""
+        grown yet), a sequence task's target tokens after ``[SOS]`` (``[B, L]``), or on pair
+        tasks the task index of every row."""
         return self.targets(self.mbatch)
 
     @property
     def mb_task_id(self) -> torch.Tensor:
-        """Task labels: 0 on class-incremental streams (one head), the task index on pairs."""
+        """Task labels: 0 on class-incremental streams (one head or decoder), the task index
+        on pairs."""
         batch = self.mbatch
-        label = 0 if batch.kind == "classify" else batch["task_id"]
+        label = batch["task_id"] if batch.kind == "pair" else 0
         return torch.full((len(batch),), label, dtype=torch.long, device=self.device)
 
     @property
     def mb_output(self) -> Any:
-        """The step's output as Avalanche reads it: logits, or a pair's ``[B, 2, D]`` stack
-        of un-normalised embeddings (what ``model(mb_x)`` returns); built when first read."""
+        """The step's output as Avalanche reads it: logits (a sequence task's ``[B, L, V]``
+        token logits), or a pair's ``[B, 2, D]`` stack of un-normalised embeddings (what
+        ``model(mb_x)`` returns); built when first read."""
         if self._mb_output is None and self.outputs is not None:
             out = self.outputs
-            self._mb_output = (out.logits if isinstance(out, ClassifyOutput)
+            self._mb_output = (out.logits if isinstance(out, (ClassifyOutput, SequenceOutput))
                                else torch.stack(getattr(out, "raw", out), dim=1))
         return self._mb_output
 
@@ -232,6 +247,8 @@ class Trainer:
     def targets(self, batch: Batch) -> torch.Tensor:
         if batch.kind == "classify":
             return self.model.class_rows(batch["label"].to(self.device))
+        if batch.kind == "sequence":
+            return batch["tokens"][:, 1:]
         return torch.full((len(batch),), batch["task_id"], dtype=torch.long, device=self.device)
 
     def stop_training(self) -> None:
@@ -291,14 +308,14 @@ class Trainer:
         return next(iter(BatchLoader(data, self._collate, len(data), -1, shuffle=False)))
 
     def make_loader(self, task_ids: Sequence[int]) -> Any:
-        """Training batches of the given tasks (none: an empty loader). Several classify tasks
-        share batches (one dataset of all their rows, so that every batch mixes classes); pair
-        tasks keep a batch per task, so that InfoNCE's negatives come from the task's own
-        data, and their batches interleave."""
+        """Training batches of the given tasks (none: an empty loader). Several classify (or
+        sequence) tasks share batches (one dataset of all their rows, so that every batch mixes
+        classes); pair tasks keep a batch per task, so that InfoNCE's negatives come from the
+        task's own data, and their batches interleave."""
         if not task_ids:
             return []
         data = {i: self.scenario.tasks[i].train for i in task_ids}
-        classify = [i for i in task_ids if self.scenario.tasks[i].kind == "classify"]
+        classify = [i for i in task_ids if self.scenario.tasks[i].kind != "pair"]
         groups = [[i] for i in task_ids if i not in classify] + ([classify] if classify else [])
         loaders = [
             BatchLoader(data[g[0]] if len(g) == 1 else concat([data[i] for i in g], "joint"),
@@ -366,8 +383,8 @@ class Trainer:
         (row 0 is the evaluation before any training). With ``checkpoints`` (a directory), a
         checkpoint is written after every task and the run resumes from the latest one there
         (``config``, the resolved config as text, must match the one it was written with)."""
-        self.setup(scenario)
         state = checkpoint.latest(checkpoints, config) if checkpoints is not None else None
+        self.setup(scenario, state.get("tokenizer") if state else None)
         rows = checkpoint.restore(self, state) if state else [self.evaluate()]
         self.clock.train_exp_counter = len(rows) - 1
         for exp in list(self.benchmark.train_stream)[len(rows) - 1:]:
@@ -384,8 +401,10 @@ class Trainer:
             for m in metrics
         }
 
-    def setup(self, scenario: Scenario) -> None:
-        """Prepare every task's data and build the Avalanche benchmark the loop iterates."""
+    def setup(self, scenario: Scenario, tokenizer: str | None = None) -> None:
+        """Prepare every task's data and build the Avalanche benchmark the loop iterates;
+        sequence tasks' targets are tokenised (with ``tokenizer``, a checkpoint's JSON, or one
+        trained on them: ``tokenize``)."""
         if self.scenario is not None:
             raise RuntimeError("this Trainer has already been fit; build a new one per run "
                                "so that row 0 is the model before any training")
@@ -400,6 +419,8 @@ class Trainer:
             distributed.check_plugins(self.plugins)
         torch.manual_seed(self.seed)
         self.scenario = self.prepare(scenario)
+        if any(task.kind == "sequence" for task in scenario.tasks):
+            self.tokenize(tokenizer)
         self.class_inputs = [self._class_inputs(t) for t in self.scenario.tasks]
         self.test_groups = [self._content_groups(raw, task)
                             for raw, task in zip(scenario.tasks, self.scenario.tasks, strict=True)]
@@ -407,6 +428,28 @@ class Trainer:
             collate_fn=lambda samples: collate_samples(samples, self.modalities, prepared=True)
         )
         self.current_eval_stream = list(self.benchmark.test_stream)
+
+    def tokenize(self, tokenizer: str | None = None) -> None:
+        """``tokenizer``: the BPE tokenizer of the sequence tasks' targets, restored from JSON
+        (a resumed run's, so that its token ids are the checkpoint's) or trained on the targets
+        of ``model.decoder.tokenizer_splits`` of every task; each task's datasets then get a
+        ``tokens`` column, padded to one width so that rows of any tasks share a batch."""
+        cfg, tasks = self.decoding, self.scenario.tasks
+        if tokenizer is not None:
+            self.tokenizer = SequenceTokenizer.from_json(tokenizer)
+        else:
+            texts = [text for task in tasks for split in cfg.tokenizer_splits
+                     for text in getattr(task, split).meta["target"]]
+            self.tokenizer = SequenceTokenizer.train(texts, cfg.vocab_size)
+        if self.tokenizer.vocab_size > cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens and "
+                              f"model.decoder.vocab_size is {cfg.vocab_size}")
+        columns = target_tokens(self.tokenizer, [(t.train, t.test) for t in tasks],
+                                cfg.max_length)
+        self.scenario = Scenario([
+            task.with_data(*(dataclasses.replace(data, columns={**data.columns, "tokens": ids})
+                             for data, ids in zip((task.train, task.test), pair, strict=True)))
+            for task, pair in zip(tasks, columns, strict=True)])
 
     def check_ranks(self) -> None:
         """``train.check_ranks``: stop with a ``TrainingError`` naming what differs when the
@@ -560,10 +603,13 @@ class Trainer:
         return self.scenario.tasks[batch["task_id"]]
 
     def forward(self, batch: dict[str, Any], model: MultimodalEncoder | None = None) -> Any:
-        """A pair task's two joint embeddings, or a classify task's ``ClassifyOutput``, of
-        ``batch`` under ``model`` (default the one being trained; a teacher may be passed)."""
+        """A pair task's two joint embeddings, a classify task's ``ClassifyOutput`` or a
+        sequence task's ``SequenceOutput``, of ``batch`` under ``model`` (default the one being
+        trained; a teacher may be passed)."""
         model = model or self.model
         task = self.task_of(batch)
+        if task.kind == "sequence":
+            return model.sequence(batch, task.modalities[0])
         if task.kind == "classify":
             z = model.encode(batch, task.modalities[0], normalize=False)
             return ClassifyOutput(model.classify(z), z)
@@ -575,10 +621,13 @@ class Trainer:
     def task_loss(self, batch: dict[str, Any], output: Any) -> torch.Tensor:
         """InfoNCE over a pair batch (logits: the scored embeddings' dot products times the
         logit scale), or the ``pair_loss(trainer, batch, output)`` of the one strategy that
-        defines it (``co2l``'s asymmetric loss); cross-entropy over the classes seen so far
-        otherwise."""
+        defines it (``co2l``'s asymmetric loss); cross-entropy over the classes seen so far on
+        classify tasks; the teacher-forced cross-entropy of the target tokens on sequence
+        tasks."""
         if isinstance(output, ClassifyOutput):
             return F.cross_entropy(output.logits, self.model.class_rows(batch["label"]))
+        if isinstance(output, SequenceOutput):
+            return self.model.decoder.loss(output.logits, batch["tokens"][:, 1:])
         if self._pair_loss is not None:
             return self._pair_loss(self, batch, output)
         return self.criterion(*output, self.model.scale)
@@ -705,6 +754,48 @@ class Trainer:
         return accuracy(predicted, task.test.labels)
 
     @torch.no_grad()
+    def decode(self, batch: dict[str, Any], model: MultimodalEncoder | None = None,
+               width: int | None = None) -> torch.Tensor:
+        """Token ids ``[B, L]`` (``[SOS] ... [EOS] [PAD]...``) that ``model`` (default the one
+        trained; a teacher may be passed) decodes from ``batch``'s audio: beam search of
+        ``model.decoder.beam_width`` (or ``width``; 1 is greedy) with its length penalty, in
+        the model's current mode. Under torchrun each rank decodes its share of the rows and
+        every rank gets all of them."""
+        model, cfg = model or self.model, self.decoding
+        memory, valid = model.decoder.memory(*model.frames(batch, self.pair(batch)[0]))
+        if self.world is not None:
+            rows = self.world.share(len(memory))
+            memory, valid = memory[rows], valid[rows]
+        ids = model.decoder.decode(memory, valid, width or cfg.beam_width, cfg.max_length,
+                                   cfg.length_penalty)
+        if self.world is None:
+            return ids
+        parts = self.world.objects(ids.cpu())
+        width = max(p.shape[1] for p in parts)
+        return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts]).to(ids.device)
+
+    @torch.no_grad()
+    def decoded(self, task_id: int) -> list[str]:
+        """The decoded target string of each test row of sequence task ``task_id``
+        (``dataloader``'s batches, with the evaluation hooks around each)."""
+        texts: list[str] = []
+        for batch in self.dataloader:
+            self.mbatch = self.as_batch(batch)
+            self._call("before_eval_iteration")
+            self._call("before_eval_forward")
+            with self.precision.autocast():
+                ids = self.decode(self.mbatch)
+                if self._eval_loss:
+                    self.outputs = self.precision.float32(self.forward(self.mbatch))
+            self._mb_output = None
+            self._call("after_eval_forward")
+            if self._eval_loss:
+                self.loss = self._criterion(self.mb_output, self.mb_y)
+            texts += self.tokenizer.decode(ids.cpu())
+            self._call("after_eval_iteration")
+        return texts
+
+    @torch.no_grad()
     def evaluate(self) -> list[dict[str, float]]:
         """Metrics of every task's test set under the current model, one dict per task (also
         kept as ``last_eval``). During a task's training (``eval.every_epochs``, Avalanche's
@@ -732,13 +823,17 @@ class Trainer:
         return results
 
     def task_metrics(self, task_id: int) -> dict[str, float]:
-        """One task's test metrics: accuracy for a classify task; recalls (and zero-shot
+        """One task's test metrics: accuracy for a classify task; intent accuracy, WER and CER
+        of the beam-decoded targets for a sequence task; recalls (and zero-shot
         accuracy where the task has labels and class texts) for a pair task, both ranking by
         the model's scores (dot products of ``model.scored`` embeddings; the prototypes are
         the text head's embeddings of the class texts, scored alike)."""
         task = self.scenario.tasks[task_id]
         if task.kind == "classify":
             return {"accuracy": self.class_accuracy(task_id)}
+        if task.kind == "sequence":
+            return sequence_metrics(self.decoded(task_id), task.test.meta["target"],
+                                    slots=task.test.name == "slurp")
         z = self.embed(task_id)
         for m in task.modalities:
             self.check_finite(task, m, z[m], "embedding of test row")

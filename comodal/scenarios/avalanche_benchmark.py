@@ -71,7 +71,7 @@ class PairExperience(DatasetExperience):
 
 def arrival_rows(tasks: Sequence[Task]) -> dict[int, int]:
     """Each class id's classifier row: classes numbered in the order tasks bring them."""
-    arrival = dict.fromkeys(c for t in tasks if t.kind == "classify" for c in t.classes or [])
+    arrival = dict.fromkeys(c for t in tasks if t.kind != "pair" for c in t.classes or [])
     return {c: row for row, c in enumerate(arrival)}
 
 
@@ -108,13 +108,13 @@ def pair_benchmark(tasks: Sequence[Task], collate_fn: Collate) -> CLScenario:
     """One experience per task in ``train_stream`` and ``test_stream``; ``collate_fn`` turns
     a list of sample dicts into a batch dict (``comodal.platform.modalities.collate_samples``)."""
     rows = arrival_rows(tasks)
-    classes = [sorted(rows[c] for c in t.classes) if t.kind == "classify" else [i]
+    classes = [sorted(rows[c] for c in t.classes) if t.kind != "pair" else [i]
                for i, t in enumerate(tasks)]
     collate = functools.partial(collate_items, collate_fn=collate_fn, tasks=tasks)
 
     def dataset(i: int, data: MultimodalDataset, label: int) -> Any:
         task = tasks[i]
-        if task.kind == "classify":
+        if task.kind != "pair":
             targets = [rows[int(c)] for c in data.labels.tolist()]
         else:
             targets = [i] * len(data)
@@ -127,7 +127,7 @@ def pair_benchmark(tasks: Sequence[Task], collate_fn: Collate) -> CLScenario:
     def stream(name: str, split: str) -> EagerCLStream:
         exps = []
         for i, task in enumerate(tasks):
-            label = 0 if task.kind == "classify" else i
+            label = 0 if task.kind != "pair" else i
             exps.append(PairExperience(dataset=dataset(i, getattr(task, split), label),
                                        task=task, current_experience=i, task_label=label,
                                        classes=classes))

@@ -173,8 +173,9 @@ def build_scenario(config: RunConfig) -> Scenario:
         order, increments = ci.order, ci.increments
         if ci.groups_per_task:
             order, increments = group_order(splits, ci.groups_per_task)
+        kind = "sequence" if ci.target == "sequence" else "classify"
         return class_incremental(splits, ci.dataset, resolved.modalities, increments, order,
-                                 ci.subset)
+                                 ci.subset, kind)
     tasks, built = [], {}
     for i, tc in enumerate(config.scenario.tasks):
         where = f"scenario.tasks[{i}]"
@@ -263,9 +264,9 @@ def group_order(splits: Splits, per_task: int) -> tuple[list[int], list[int]]:
 
 def class_incremental(splits: Splits, dataset: str, modalities: tuple[str, ...],
                       increments: list[int], order: list[int] | None = None,
-                      subset: bool = False) -> Scenario:
-    """One ``classify`` task per group of classes, each with its classes' rows of ``splits``
-    (``order`` and ``subset`` as in ``class_groups``)."""
+                      subset: bool = False, kind: str = "classify") -> Scenario:
+    """One ``classify`` (or ``sequence``) task per group of classes, each with its classes'
+    rows of ``splits`` (``order`` and ``subset`` as in ``class_groups``)."""
     if splits.train.labels is None or not splits.class_names:
         raise ConfigError(f"scenario.class_incremental.dataset: {dataset!r} has no labels")
     groups = class_groups(len(splits.class_names), increments, order, subset)
@@ -276,6 +277,6 @@ def class_incremental(splits: Splits, dataset: str, modalities: tuple[str, ...],
                  for data in (splits.train, splits.test)]
         name = f"{i + 1}:classes " + "+".join(map(str, classes))
         tasks.append(Task(name, modalities, parts[0], parts[1], splits.class_names,
-                          splits.class_texts, kind="classify", classes=classes,
+                          splits.class_texts, kind=kind, classes=classes,
                           class_features=splits.class_features))
     return Scenario(tasks)

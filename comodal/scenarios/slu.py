@@ -1,5 +1,6 @@
 """Spoken-language-understanding corpora: Fluent Speech Commands (and the synthesised corpus in
-its layout) and SLURP, each as utterances with transcript, intent label and speaker.
+its layout) and SLURP, each as utterances with transcript, intent label and speaker, and the
+sequence-to-sequence target of each (``meta["target"]``, ``comodal.scenarios.slu_targets``).
 
 Every row is checked when the corpus is read: a missing field, an intent outside the known
 set, or an audio file that is missing, unreadable, empty or shorter than ``MIN_SECONDS`` stops
@@ -26,6 +27,7 @@ import torch
 
 from comodal.core.data import MultimodalDataset
 from comodal.errors import DataError
+from comodal.scenarios.slu_targets import fsc_target, slurp_entities, slurp_target
 from comodal.scenarios.synth_fsc import INTENTS
 
 FSC_COLUMNS = ("path", "speakerId", "transcription", "action", "object", "location")
@@ -84,6 +86,7 @@ class Rows:
     texts: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     speakers: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     def problem(self, message: str, on_error: str) -> None:
@@ -91,12 +94,14 @@ class Rows:
             raise DataError(message)
         self.skipped.append(message)
 
-    def add(self, path: Path, where: str, text: str, label: int, speaker: str) -> None:
+    def add(self, path: Path, where: str, text: str, label: int, speaker: str,
+            target: str) -> None:
         self.paths.append(path)
         self.where.append(where)
         self.texts.append(text)
         self.labels.append(label)
         self.speakers.append(speaker)
+        self.targets.append(target)
 
     def dataset(self, name: str, source: str, what: str) -> MultimodalDataset:
         """The checked rows; the fingerprint covers ``source`` and every kept file's path, size
@@ -115,7 +120,8 @@ class Rows:
             name, f"{source}-{kept}",
             {"audio": AudioFiles(self.paths, self.where), "text": self.texts},
             torch.tensor(self.labels),
-            {"speaker": self.speakers, "path": [str(p) for p in self.paths]},
+            {"speaker": self.speakers, "path": [str(p) for p in self.paths],
+             "target": self.targets},
         )
 
 
@@ -155,7 +161,8 @@ def read_fsc(root: Path, split: str, on_error: str = "raise") -> MultimodalDatas
             if reason:
                 rows.problem(f"{where}: {reason}", on_error)
                 continue
-            rows.add(audio, where, row["transcription"], FSC_INTENTS[intent], row["speakerId"])
+            rows.add(audio, where, row["transcription"], FSC_INTENTS[intent], row["speakerId"],
+                     fsc_target(*intent, row["transcription"]))
     return rows.dataset("fsc", f"fsc-{_digest(path)}", f"FSC {split}")
 
 
@@ -213,6 +220,9 @@ def read_slurp(root: Path, split: str, intents: SlurpIntents, audio_dir: str = "
             rows.problem(f"{where}: intent {record['intent']!r} does not occur in train.jsonl "
                          f"({len(index)} known intents)", on_error)
             continue
+        target = slurp_target(record["intent"],
+                              slurp_entities(record.get("sentence_annotation", "")),
+                              record["sentence"])
         for recording in record["recordings"]:
             audio = root / audio_dir / str(recording.get("file", ""))
             reason = check_audio(audio)
@@ -220,5 +230,5 @@ def read_slurp(root: Path, split: str, intents: SlurpIntents, audio_dir: str = "
                 rows.problem(f"{where}: {reason}", on_error)
                 continue
             rows.add(audio, where, record["sentence"], index[record["intent"]],
-                     str(recording.get("speaker", record.get("slurp_id", ""))))
+                     str(recording.get("speaker", record.get("slurp_id", ""))), target)
     return rows.dataset("slurp", f"slurp-{_digest(path)}", f"SLURP {split}")

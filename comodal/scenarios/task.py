@@ -11,7 +11,7 @@ from typing import Any
 from comodal.core.data import MultimodalDataset
 from comodal.errors import DataError
 
-KINDS = ("pair", "classify")
+KINDS = ("pair", "classify", "sequence")
 
 
 @dataclass
@@ -22,7 +22,9 @@ class Task:
 
     A ``classify`` task (class-incremental) brings the new classes ``classes``: its first
     modality is classified over every class seen so far, an optional second one (the
-    transcript) pairs with it for audio-text losses."""
+    transcript) pairs with it for audio-text losses. A ``sequence`` task brings classes too,
+    but its audio is decoded into its row's target string (``meta["target"]``,
+    ``"<intent> _SEP <transcription>"``) by the model's decoder."""
 
     name: str
     modalities: tuple[str, ...]
@@ -42,9 +44,13 @@ class Task:
         for split, data in (("train", self.train), ("test", self.test)):
             if len(data) == 0:
                 raise DataError(f"task {self.name!r}: the {split} set is empty")
-            if self.kind == "classify" and data.labels is None:
-                raise DataError(f"task {self.name!r}: a classify task needs labels, and the "
+            if self.kind != "pair" and data.labels is None:
+                raise DataError(f"task {self.name!r}: a {self.kind} task needs labels, and the "
                                 f"{split} dataset {data.name!r} has none")
+            if self.kind == "sequence" and "target" not in data.meta:
+                raise DataError(f"task {self.name!r}: a sequence task needs each row's target "
+                                f"string, and the {split} dataset {data.name!r} has none "
+                                "(datasets fsc and slurp have them)")
             missing = [m for m in self.modalities if m not in data.modalities]
             if missing:
                 raise DataError(

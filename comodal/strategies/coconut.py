@@ -9,6 +9,10 @@ ACL Findings 2024): experience replay plus two losses, for class-incremental tas
   (``model.score``: cosine, or raw dot products). NSPT and the classifier keep unit-norm
   features under either score.
 
+On sequence tasks (COCONUT's own encoder-decoder setting) the transcript side of MM is the
+decoder's token embeddings of the target's transcription, mean-pooled and mapped into the joint
+space (``model.transcript_head``), not a separate text network.
+
 Total: task loss + λ₁·NSPT + λ₂·MM (``nspt_weight``, ``mm_weight``). The teacher is the
 trainer's, shared with ``kd``; it needs no checkpointing: it is the model as saved at the end
 of the previous task.
@@ -21,6 +25,7 @@ from typing import Any
 
 from comodal.config import check_choice
 from comodal.errors import ConfigError
+from comodal.platform.encoders import masked_mean
 from comodal.platform.losses import MM, NSPT
 from comodal.strategies.replay import ER, ERConfig
 
@@ -46,7 +51,7 @@ class COCONUTConfig(ERConfig):
 class COCONUT(ER):
     name = "coconut"
     Config = COCONUTConfig
-    kinds = ("classify",)
+    kinds = ("classify", "sequence")
     uses_teacher = True
 
     def __init__(self, config: COCONUTConfig | None = None) -> None:
@@ -56,7 +61,7 @@ class COCONUT(ER):
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         task = strategy.scenario.tasks[strategy.experience_index]
-        if self.config.mm_weight and len(task.modalities) < 2:
+        if self.config.mm_weight and task.kind == "classify" and len(task.modalities) < 2:
             raise ConfigError(f"strategy coconut: the MM loss needs a transcript modality, but "
                               f"task {task.name!r} names only {task.modalities[0]!r} (add one "
                               "to scenario.class_incremental.modalities or set "
@@ -72,8 +77,17 @@ class COCONUT(ER):
             teacher = strategy.teacher_output(batch)
             loss = self.nspt(out.features, teacher.features, batch["label"], rehearsal)
             strategy.loss = strategy.loss + cfg.nspt_weight * loss
-        modalities = strategy.pair(batch)
-        if len(modalities) == 2 and cfg.mm_weight:
-            text = strategy.model.encode(batch, modalities[1])
-            mm = self.mm(out.features, text, strategy.model.scale)
-            strategy.loss = strategy.loss + cfg.mm_weight * mm
+        if not cfg.mm_weight:
+            return
+        modalities, model = strategy.pair(batch), strategy.model
+        if batch.kind == "sequence":
+            tokens = batch["tokens"]
+            pooled = masked_mean(model.decoder.token_embeddings(tokens),
+                                 strategy.tokenizer.transcript_mask(tokens))
+            text = model.scored(model.transcript_head(pooled))
+        elif len(modalities) == 2:
+            text = model.encode(batch, modalities[1])
+        else:
+            return
+        mm = self.mm(out.features, text, model.scale)
+        strategy.loss = strategy.loss + cfg.mm_weight * mm

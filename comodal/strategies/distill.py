@@ -8,6 +8,9 @@ output), and prediction KD,
 KL(teacher || student) over the old classes' logits at temperature τ, scaled by τ². Each acts
 on the rehearsal rows only (weight α = sqrt(n_rehearsal / n_batch)) or on the whole batch
 (α = log(1 + old classes / all classes)), as the paper weighs them, unless a weight is given.
+On sequence tasks prediction KD is token-level: the KL at temperature τ (times τ²) of the
+decoder's teacher-forced token distributions, per target token that is not padding (the
+paper's "token-level KD"); a decoder has no old-class rows, so there the whole-batch α is 1.
 
 ``relation_kd`` (Co2L's instance-relation distillation, Cha et al. 2021, on cross-modal
 pairs): the student's softmax over each row's similarities to the batch's partner embeddings
@@ -28,6 +31,8 @@ from comodal.config import check_choice
 from comodal.errors import ConfigError
 from comodal.platform import distributed
 from comodal.platform.losses import FeatureDistill, PredictionDistill, RelationDistill
+from comodal.platform.model import SequenceOutput
+from comodal.platform.sequences import PAD
 from comodal.strategies.base import Strategy
 
 SCOPES = ("rehearsal", "batch", "off")
@@ -74,7 +79,7 @@ class KD(Strategy):
     name = "kd"
     across_ranks = "replicated"
     Config = KDConfig
-    kinds = ("classify",)
+    kinds = ("classify", "sequence")
     uses_teacher = True
 
     def __init__(self, config: KDConfig | None = None) -> None:
@@ -130,11 +135,18 @@ class KD(Strategy):
         old = len(strategy.teacher.class_ids)
         features, teacher = self.distilled(strategy)
         cfg = self.config
+
+        def prediction(rows: torch.Tensor) -> torch.Tensor:
+            if not isinstance(student, SequenceOutput):
+                return self.prediction_loss(student.logits[rows, :old], teacher.logits[rows])
+            tokens = batch["tokens"][rows, 1:] != PAD  # the target tokens, not the padding
+            return self.prediction_loss(student.logits[rows][tokens],
+                                        teacher.logits[rows][tokens])
+
         for scope, weight, term in (
             (cfg.feature, cfg.feature_weight,
              lambda rows: self.feature_loss(features[rows], teacher.features[rows])),
-            (cfg.prediction, cfg.prediction_weight,
-             lambda rows: self.prediction_loss(student.logits[rows, :old], teacher.logits[rows])),
+            (cfg.prediction, cfg.prediction_weight, prediction),
         ):
             if scope == "off":
                 continue
@@ -145,7 +157,8 @@ class KD(Strategy):
                 alpha = math.sqrt(int(rows.sum()) / len(rows))
             else:
                 rows = torch.ones(len(student.logits), dtype=torch.bool)
-                alpha = math.log(1 + old / len(strategy.model.class_ids))
+                alpha = (1.0 if isinstance(student, SequenceOutput)
+                         else math.log(1 + old / len(strategy.model.class_ids)))
             strategy.loss = strategy.loss + (alpha if weight is None else weight) * term(rows)
 
     def results(self) -> dict[str, Any]:

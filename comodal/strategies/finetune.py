@@ -11,3 +11,4 @@ from comodal.strategies.base import Strategy
 class Finetune(Strategy):
     name = "finetune"
     across_ranks = "replicated"
+    kinds = ("pair", "classify", "sequence")

@@ -113,6 +113,7 @@ class MemoryGradients(ER):
     and edits the step's gradient in ``after_backward``. Counts, per task, the steps that read
     the memory and the steps whose gradient it changed."""
 
+    kinds = ("pair", "classify")
     # no memory rows in the training batches, so no side batches and no loss term to add:
     # Avalanche's no-ops, which the trainer does not call
     after_forward = Strategy.after_forward

@@ -15,6 +15,7 @@ from comodal.strategies.base import Strategy
 class Joint(Strategy):
     name = "joint"
     across_ranks = "replicated"
+    kinds = ("pair", "classify", "sequence")
 
     def train_tasks(self, trainer: Any) -> list[int]:
         """Every task at the first task, none afterwards."""

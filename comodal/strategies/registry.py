@@ -30,12 +30,13 @@ from comodal.strategies.gem import GEM
 from comodal.strategies.gpm import GPM
 from comodal.strategies.joint import Joint
 from comodal.strategies.replay import ER
+from comodal.strategies.seq_kd import SeqKD
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Finetune, Joint, DNS, GPM, EWC, ER, COCONUT, KD, RelationKD,
-                              CFlat, GEM, AGEM, DER, DERPP, Co2L, CILA)
+                              CFlat, GEM, AGEM, DER, DERPP, Co2L, CILA, SeqKD)
 }
-KINDS = ("pair", "classify")
+KINDS = ("pair", "classify", "sequence")
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
@@ -108,15 +109,19 @@ def validate_strategies(names: Sequence[str], args: Mapping[str, Mapping[str, An
     if len(buffers) > 1:
         raise ConfigError(f"strategies: {' and '.join(buffers)} each keep a replay buffer; "
                           "stack one of them")
-    # kd distils the rows er's loader marks batch["rehearsal"]: gem, agem and der keep memories
-    # outside the training batches
-    if "kd" in names and not any(getattr(known[n], "wrap_loader", None) is ER.wrap_loader
-                                 for n in names):
+    # kd and seq_kd distil the rows er's loader marks batch["rehearsal"]: gem, agem and der
+    # keep memories outside the training batches
+    rehearsal = any(getattr(known[n], "wrap_loader", None) is ER.wrap_loader for n in names)
+    if "kd" in names and not rehearsal:
         kd = from_dict(KD.Config, dict(args.get("kd", {})), "strategy_args.kd")
         if kd.needs_buffer:
             raise ConfigError("strategies: kd on rehearsal rows needs a replay strategy in the "
                               "stack (er or coconut), or strategy_args.kd.feature and "
                               ".prediction set to batch or off")
+    if "seq_kd" in names and not rehearsal:
+        raise ConfigError("strategies: seq_kd trains on the teacher's decoding of the "
+                          "rehearsal rows, so it needs a replay strategy in the stack (er or "
+                          "coconut: er+seq_kd, coconut+seq_kd)")
     for name in names if kind else ():
         if kind not in known[name].kinds:
             valid = [n for n, c in known.items() if kind in c.kinds]

@@ -52,8 +52,9 @@ def memory_batches(trainer: Any, buffer: ReplayBuffer,
 
 
 class ReplayLoader:
-    """The training loader's batches with memory rows: compatible rows appended to the batch,
-    the others as ``batch["replay"]``, a list of side batches."""
+    """The training loader's batches with memory rows: compatible rows appended to the batch
+    (``batch["rehearsal"]`` marks them, ``batch["slots"]`` names their buffer slots), the
+    others as ``batch["replay"]``, a list of side batches."""
 
     def __init__(self, base: BatchLoader, trainer: Any, buffer: ReplayBuffer,
                  memory_batch: int) -> None:
@@ -69,12 +70,14 @@ class ReplayLoader:
         collate = self.base.collate
         for rows in self.base.batch_indices():
             slots = self.buffer.sample(self.memory_batch, self.trainer.generator)
-            parts, side = [(self.base.dataset, rows)], []
+            parts, side, joined = [(self.base.dataset, rows)], [], []
             for t in self.buffer.task[slots].unique().tolist():
-                index = self.buffer.index[slots][self.buffer.task[slots] == t]
+                mine = slots[self.buffer.task[slots] == t]
+                index = self.buffer.index[mine]
                 old = tasks[t]
                 if old.kind == current.kind and old.modalities == current.modalities:
                     parts.append((old.train, index))
+                    joined.append(mine)
                 else:
                     side_batch = gather_parts([(old.train, index)], collate)
                     side_batch["task_id"] = t
@@ -82,6 +85,8 @@ class ReplayLoader:
             batch = gather_parts(parts, collate)
             batch["task_id"] = self.base.task_id
             batch["rehearsal"] = torch.arange(len(batch["index"])) >= len(rows)
+            # the buffer slot of each rehearsal row, in order (seq_kd's pseudo-targets)
+            batch["slots"] = torch.cat(joined) if joined else torch.zeros(0, dtype=torch.long)
             batch["replay"] = side
             yield batch
 
@@ -92,6 +97,7 @@ class ER(Strategy):
     name = "er"
     across_ranks = "replicated"  # selection from gathered features and the shared seed
     Config = ERConfig
+    kinds = ("pair", "classify", "sequence")
     owns_buffer = True
 
     def __init__(self, config: ERConfig | None = None) -> None:
@@ -132,7 +138,7 @@ class ER(Strategy):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         index = strategy.experience_index
         task = strategy.scenario.tasks[index]
-        modalities = task.modalities[:1] if task.kind == "classify" else task.modalities
+        modalities = task.modalities if task.kind == "pair" else task.modalities[:1]
 
         def features() -> torch.Tensor:
             """Each row's joint embeddings as the model scores them (unit-norm, or raw under
