@@ -336,3 +336,15 @@ def test_the_summary_table_shows_pooled_wer_and_cer_lowest_best() -> None:
                          ("Last CER (pooled)", "cer", "acc", False)]
     assert table["er"]["Last WER (pooled)"][0] == pytest.approx(0.11)
     assert best["Last WER (pooled)"] == {"coconut"} == best["Last Acc (pooled)"]
+
+
+def test_avalanche_accuracy_metrics_on_sequence_tasks_are_refused(seq: dict,
+                                                                  tmp_path: Path) -> None:
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    config = load_dict(seq, tmp_path)
+    trainer = build_trainer(config, [EvaluationPlugin(accuracy_metrics(stream=True),
+                                                      loggers=[])])
+    with pytest.raises(ConfigError, match="and sequence tasks have none .*token logits"):
+        trainer.setup(build_scenario(config))
