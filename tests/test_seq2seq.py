@@ -84,6 +84,8 @@ def test_metrics_of_decoded_targets_equal_their_hand_computed_values(
     saved = checkpoint.read(tmp_path / "run" / "checkpoints" / "after_task_3.pt")
     assert saved["tokenizer"] == kept
     tokenizer = SequenceTokenizer.from_json(kept)
+    assert written["tokenizer"] == {"digest": tokenizer.digest(),
+                                    "vocab_size": tokenizer.vocab_size}
     targets = list(scenario.tasks[0].train.meta["target"])
     assert tokenizer.decode(tokenizer.encode(targets, 40)) == targets
 

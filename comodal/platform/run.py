@@ -234,7 +234,10 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
             write_run(out, to_dict(config), scenario.task_names, matrices, summary,
                       extra={"history": trainer.history, "seconds": round(seconds, 2),
                              "strategies": reports, "test_sizes": trainer.test_sizes,
-                             "pooled_acc": [m for m in POOLED if m in matrices]})
+                             "pooled_acc": [m for m in POOLED if m in matrices],
+                             **({"tokenizer": {"digest": trainer.tokenizer.digest(),
+                                               "vocab_size": trainer.tokenizer.vocab_size}}
+                                if trainer.tokenizer is not None else {})})
             write_tensorboard(out / "tb", summary, to_dict(config))
             if trainer.tokenizer is not None:
                 atomic_write_text(out / TOKENIZER, trainer.tokenizer.to_json())

@@ -102,7 +102,7 @@ class SequenceTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def digest(self) -> str:
-        """A short sha256 of the JSON, naming this vocabulary in checkpoints and reports."""
+        """A short sha256 of the JSON, naming this vocabulary in a run's metrics.json."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def encode(self, texts: Sequence[str], max_length: int) -> torch.Tensor:

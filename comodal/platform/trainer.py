@@ -441,9 +441,6 @@ class Trainer:
             texts = [text for task in tasks for split in cfg.tokenizer_splits
                      for text in getattr(task, split).meta["target"]]
             self.tokenizer = SequenceTokenizer.train(texts, cfg.vocab_size)
-        if self.tokenizer.vocab_size > cfg.vocab_size:
-            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens and "
-                              f"model.decoder.vocab_size is {cfg.vocab_size}")
         columns = target_tokens(self.tokenizer, [(t.train, t.test) for t in tasks],
                                 cfg.max_length)
         self.scenario = Scenario([
